@@ -1,0 +1,364 @@
+"""
+The whole medslm decoder in one file.
+
+Modern block (the default): RMSNorm computed in fp32, rotary position embeddings, SwiGLU feed-forward,
+grouped-query attention through F.scaled_dot_product_attention, no biases, optional tied embeddings.
+Classic GPT-2 block through config switches: LayerNorm, learned absolute positions, GELU MLP, full
+multi-head attention, biases, tied head. Plus a KV cache for incremental decoding, generation with
+temperature / top-k / top-p, a fused linear + cross-entropy loss that never holds the whole batch's
+logits, AdamW set-up and an MFU estimate.
+
+RoPE uses the half-split ("rotate_half") layout and the classic GELU is the tanh approximation, so the
+weights map one-to-one onto Hugging Face's Llama and GPT-2 layouts (see export.py).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # max context length
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # grouped-query attention; None means n_head (plain multi-head)
+    n_embd: int = 768
+    intermediate_size: Optional[int] = None  # FFN hidden size; None derives it (see __post_init__)
+    multiple_of: int = 256      # SwiGLU hidden size is rounded up to a multiple of this
+    norm: str = 'rmsnorm'       # 'rmsnorm' | 'layernorm'
+    norm_eps: float = 1e-5
+    pos_embedding: str = 'rope'  # 'rope' | 'learned'
+    rope_theta: float = 10000.0
+    mlp: str = 'swiglu'         # 'swiglu' | 'gelu'
+    bias: bool = False          # biases in Linears and LayerNorms (GPT-2 has them)
+    tie_embeddings: bool = False  # share the token embedding with the output head
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        assert self.n_embd % self.n_head == 0, 'n_embd must be divisible by n_head'
+        assert self.n_head % self.n_kv_head == 0, 'n_kv_head must divide n_head'
+        assert self.norm in ('rmsnorm', 'layernorm') and self.pos_embedding in ('rope', 'learned')
+        assert self.mlp in ('swiglu', 'gelu')
+        if self.intermediate_size is None:
+            if self.mlp == 'swiglu':  # LLaMA: 2/3 of 4*dim keeps the FLOPs of a 4*dim GELU MLP
+                hidden = int(2 * 4 * self.n_embd / 3)
+                self.intermediate_size = -(-hidden // self.multiple_of) * self.multiple_of
+            else:
+                self.intermediate_size = 4 * self.n_embd
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in fp32: the mean of squares overflows or loses precision in half types
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def make_norm(config):
+    if config.norm == 'rmsnorm':
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cache(seq_len, head_dim, theta):
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), freqs)  # (T, hd/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (T, hd): cos half, sin half
+
+
+def apply_rope(x, rope):
+    # x: (B, nh, T, hd); rope: (T, hd). Rotates each pair (x[i], x[i + hd/2]) by its position's angle.
+    cos, sin = rope.chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer('k', torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer('v', torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, pos, k, v):
+        # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.wqkv = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)  # one matmul for q, k and v
+        self.wo = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.kv_cache = None
+
+    def forward(self, x, rope, pos):
+        B, T, C = x.size()
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([C, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        mask, causal = None, True
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(pos, k, v)
+            if pos > 0:  # queries at pos..pos+T-1 see every cached key up to their own position
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == 'swiglu'
+        hidden = config.intermediate_size
+        # for SwiGLU, w1 holds the gate and up projections stacked, so one matmul computes both
+        self.w1 = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.w2 = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.w1(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
+        return self.w2(F.gelu(self.w1(x), approximate='tanh'))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention_norm, self.attention = make_norm(config), Attention(config)
+        self.ffn_norm, self.feed_forward = make_norm(config), FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, pos):
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope, pos))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ weight.T) against targets (-1 = ignore), a chunk of rows at a time.
+
+    The full (B*T, vocab) fp32 logits tensor is the largest allocation of a small model's step; here only
+    one chunk exists at a time. The gradients are computed in the forward pass (the loss is a scalar, so
+    backward only scales them), which costs the same matmuls as the unfused version.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)
+        for s in range(0, h.size(0), chunk_rows):
+            hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits = (hc @ weight.t()).float()
+            probs = torch.softmax(logits, dim=-1)  # becomes d(loss)/d(logits) below
+            valid = tc != -1
+            tc = tc.clamp(min=0)
+            loss += (torch.logsumexp(logits, -1) - logits.gather(1, tc[:, None]).squeeze(1))[valid].sum()
+            probs[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            probs *= valid[:, None]
+            grad_h[s:s + chunk_rows] = (probs.to(hc.dtype) @ weight.to(hc.dtype)).to(h.dtype)
+            grad_w += probs.t().to(hc.dtype) @ hc
+        n = (targets != -1).sum().clamp(min=1)
+        ctx.save_for_backward(grad_h / n, (grad_w / n).to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def cross_entropy_loss(h, weight, targets, chunk_rows=2048):
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return FusedLinearCrossEntropy.apply(h, weight, targets, chunk_rows)
+    return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)  # eval: no gradients needed
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_embedding == 'learned':
+            self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer('rope', rope_cache(config.block_size, config.head_dim, config.rope_theta),
+                             persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('wo.weight') or name.endswith('w2.weight'):  # GPT-2: residual writes scaled by depth
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_embedding == 'learned':
+            n -= self.pos_embeddings.weight.numel()
+        return n
+
+    def hidden(self, idx, pos=0):
+        """Final-normed hidden states (B, T, n_embd) of tokens idx at positions pos..pos+T-1."""
+        B, T = idx.size()
+        if pos + T > self.config.block_size:
+            raise ValueError(f'sequence of {pos + T} tokens exceeds block_size {self.config.block_size}')
+        x = self.tok_embeddings(idx)
+        rope = None
+        if self.config.pos_embedding == 'learned':
+            x = x + self.pos_embeddings(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = self.rope[pos:pos + T]
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, pos)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, pos=0):
+        """With targets: (None, mean loss); the loss is fused with the head, so full logits never exist.
+        Without: (logits of the last position (B, 1, vocab) in fp32, None)."""
+        h = self.hidden(idx, pos)
+        if targets is None:
+            return self.output(h[:, [-1], :]).float(), None
+        return None, cross_entropy_loss(h, self.output.weight, targets)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay matrices (matmul weights, embeddings), never norms or biases
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        groups = [{'params': [p for p in params.values() if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params.values() if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def flops_per_token(self):
+        # PaLM appendix B: 6N for the matmuls of forward+backward, plus the attention scores
+        cfg = self.config
+        n = self.get_num_params(non_embedding=True)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default A100 bf16)."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    def setup_caches(self, batch_size, max_len):
+        dtype = self.output.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head,
+                                               self.config.head_dim, dtype).to(self.output.weight.device)
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+               generator=None):
+        """Yields the next token of every row (B,) one step at a time, decoding with a KV cache.
+        Stops early once every row has produced eos_id (rows that finished keep yielding eos_id)."""
+        B, T = idx.size()
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f'prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size '
+                             f'{self.config.block_size}')
+        self.setup_caches(B, T + max_new_tokens)
+        try:
+            logits, _ = self(idx, pos=0)
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for pos in range(T, T + max_new_tokens):
+                next_token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    next_token = next_token.masked_fill(done, eos_id)
+                    done |= next_token == eos_id
+                yield next_token
+                if (eos_id is not None and done.all()) or pos == T + max_new_tokens - 1:
+                    break
+                logits, _ = self(next_token[:, None], pos=pos)
+        finally:
+            self.clear_caches()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 generator=None):
+        """Returns idx (B, T) extended by up to max_new_tokens sampled tokens."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Samples one token per row of logits (B, vocab). temperature 0 is argmax. top_k keeps the k highest
+    logits (and every logit tied with the k-th); top_p then keeps the smallest set of those whose
+    probability reaches top_p."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float('-inf'))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def load_model(path, device='cpu'):
+    """A GPT from an exported folder (config.json + model.safetensors) or a training out_dir (ckpt.pt)."""
+    if os.path.exists(os.path.join(path, 'model.safetensors')):
+        from safetensors.torch import load_model as load_safetensors
+        with open(os.path.join(path, 'config.json')) as f:
+            model_args = json.load(f)
+        model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in {f.name for f in fields(GPTConfig)}}))
+        load_safetensors(model, os.path.join(path, 'model.safetensors'), device=str(device))
+        return model.to(device)
+    ckpt_path = os.path.join(path, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f'{path} holds neither model.safetensors nor ckpt.pt')
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    return model.to(device)

@@ -1,0 +1,312 @@
+"""
+train.py end to end, run as a subprocess (it is a script) on microscopic models and a synthetic data folder
+written here, so nothing depends on prepare.py. Every run stays within a few seconds on two CPU cores, except
+the single torch.compile run.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, GPTConfig, load_model
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+ENV = dict(os.environ, OMP_NUM_THREADS='1')  # microscopic models: extra threads only contend on a shared box
+TINY = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32',
+        '--multiple_of=16', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2',
+        '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2', '--eval_iters=4', '--log_interval=1']
+MICRO = TINY + ['--n_layer=1', '--n_embd=16', '--block_size=16', '--batch_size=2']  # later flags win
+VOCAB = 64
+
+
+def write_data(path, seed=0):
+    """prepare.py's layout: meta.json, two train shards of unequal length, val.bin, test.bin, tokenizer.json.
+    Documents are runs of consecutive token ids (a learnable pattern) closed by EOS."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    eos = VOCAB - 1
+
+    def docs(n):
+        tokens = []
+        for _ in range(n):
+            start, length = rng.integers(0, eos), rng.integers(20, 80)
+            tokens += [(start + i) % eos for i in range(length)] + [eos]
+        return np.array(tokens, dtype=np.uint16)
+
+    parts = {'train_0000.bin': docs(100), 'train_0001.bin': docs(200), 'val.bin': docs(100), 'test.bin': docs(50)}
+    for name, tokens in parts.items():
+        tokens.tofile(os.path.join(path, name))
+    with open(os.path.join(path, 'tokenizer.json'), 'w') as f:
+        json.dump({'model': {'type': 'BPE'}}, f)
+
+    def split(names):
+        tokens = sum(len(parts[n]) for n in names)
+        return {'docs': sum(int((parts[n] == eos).sum()) for n in names), 'tokens': tokens,
+                'bytes': 3 * tokens, 'files': names}
+
+    meta = {'tokenizer': 'bpe', 'vocab_size': VOCAB, 'dtype': 'uint16', 'eos_id': eos, 'bos_id': None,
+            'pad_id': None, 'unk_id': None, 'tokenizer_file': 'tokenizer.json',
+            'splits': {'train': split(['train_0000.bin', 'train_0001.bin']), 'val': split(['val.bin']),
+                       'test': split(['test.bin'])}, 'inputs': ['synthetic'], 'dropped': {}}
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return path
+
+
+def train(out_dir, data_dir, *args, nproc=1, check=True):
+    launcher = [sys.executable] if nproc == 1 else [TORCHRUN, '--standalone', f'--nproc_per_node={nproc}']
+    cmd = launcher + ['train.py', f'--out_dir={out_dir}', f'--data_dir={data_dir}', *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if 'loss' in r], [r for r in records if 'val_loss' in r]
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def sha(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return write_data(str(tmp_path_factory.mktemp('data')))
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('trained'))
+    train(out_dir, data_dir, *TINY, '--max_iters=30', '--lr_decay_iters=30', '--eval_interval=10')
+    return out_dir
+
+
+def test_tiny_run_loss_falls_and_logs_every_step(trained, data_dir):
+    steps, evals = read_log(trained)
+    assert [s['iter'] for s in steps] == list(range(30))
+    assert all(set(s) == {'iter', 'loss', 'lr', 'tokens_per_s', 'mfu', 'elapsed_s'} for s in steps)
+    assert [e['iter'] for e in evals] == [0, 10, 20, 30]
+    print(f"val loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0  # from ~ln(64) = 4.16
+    assert np.mean([s['loss'] for s in steps[-5:]]) < np.mean([s['loss'] for s in steps[:5]]) - 1.0
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        val = json.load(f)['splits']['val']
+    last = evals[-1]
+    assert math.isclose(last['val_ppl'], math.exp(last['val_loss']))
+    assert math.isclose(last['val_bpb'], last['val_loss'] / math.log(2) * val['tokens'] / val['bytes'])
+
+
+def test_checkpoint_holds_the_shared_interface_and_loads_weights_only(trained):
+    ckpt = load_ckpt(trained)  # weights_only=True: only plain types inside
+    assert {'model', 'optimizer', 'model_args', 'config', 'iter_num', 'best_val_loss', 'rng', 'history',
+            'data_dir', 'meta'} <= set(ckpt)
+    assert ckpt['iter_num'] == 30 and ckpt['meta']['vocab_size'] == VOCAB
+    assert ckpt['model_args']['vocab_size'] == VOCAB  # vocab_size=None took the data's
+    assert ckpt['config']['max_iters'] == 30 and ckpt['config']['gradient_accumulation_steps'] == 2
+    assert len(ckpt['history']['train_loss']) == 30 and len(ckpt['history']['eval']) == 4
+    assert len(ckpt['rng']['data']) == 2 and all(isinstance(s, torch.Tensor) for s in ckpt['rng']['data'])
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])  # strict: the unwrapped, uncompiled names
+    assert not os.path.exists(os.path.join(trained, 'ckpt.pt.tmp'))
+
+
+def test_export_folder_is_self_contained_and_round_trips_the_logits(trained, data_dir):
+    export = os.path.join(trained, 'export')
+    assert sorted(os.listdir(export)) == ['config.json', 'loss_curves.png', 'meta.json', 'model.safetensors',
+                                          'optimizer.pt', 'tokenizer.json', 'training_config.json']
+    ckpt = load_ckpt(trained)
+    with open(os.path.join(export, 'config.json')) as f:
+        assert json.load(f) == ckpt['model_args']
+    with open(os.path.join(export, 'training_config.json')) as f:
+        training = json.load(f)
+    assert training['config']['learning_rate'] == 1e-2
+    assert training['history']['train_loss'] == ckpt['history']['train_loss']
+    with open(os.path.join(export, 'meta.json')) as f:
+        assert json.load(f) == ckpt['meta']
+    assert sha(os.path.join(export, 'tokenizer.json')) == sha(os.path.join(data_dir, 'tokenizer.json'))
+    optimizer = torch.load(os.path.join(export, 'optimizer.pt'), weights_only=True)
+    assert len(optimizer['state']) == len(list(GPT(GPTConfig(**ckpt['model_args'])).parameters()))
+    with open(os.path.join(export, 'loss_curves.png'), 'rb') as f:
+        png = f.read()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 20_000
+    exported, saved = load_model(export), load_model(trained)  # from model.safetensors / from ckpt.pt
+    idx = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = exported.hidden(idx) @ exported.output.weight.t(), saved.hidden(idx) @ saved.output.weight.t()
+    print(f'max |logits difference| {(a - b).abs().max().item():.3g}')
+    assert torch.equal(a, b)
+
+
+def test_export_only_rebuilds_the_export_from_the_checkpoint(trained, data_dir, tmp_path):
+    out_dir = str(tmp_path / 'copy')
+    shutil.copytree(trained, out_dir)
+    before = sha(os.path.join(out_dir, 'export', 'model.safetensors'))
+    shutil.rmtree(os.path.join(out_dir, 'export'))
+    train(out_dir, data_dir, '--export_only=True')
+    assert sha(os.path.join(out_dir, 'export', 'model.safetensors')) == before
+    assert os.path.exists(os.path.join(out_dir, 'export', 'loss_curves.png'))
+    assert not os.path.exists(os.path.join(out_dir, 'export.tmp'))
+
+
+def test_init_from_an_export_continues_with_its_weights_and_a_fresh_optimizer(trained, data_dir, tmp_path):
+    out_dir = str(tmp_path / 'continued')
+    train(out_dir, data_dir, *TINY, f'--init_from={os.path.join(trained, "export")}', '--max_iters=2',
+          '--lr_decay_iters=30', '--eval_interval=10')
+    _, evals = read_log(out_dir)
+    _, trained_evals = read_log(trained)
+    # evaluation batches are the same in every run, so the starting point is the exported model's last eval
+    print(f"val loss: exported {trained_evals[-1]['val_loss']:.6f}, at iter 0 here {evals[0]['val_loss']:.6f}")
+    assert abs(evals[0]['val_loss'] - trained_evals[-1]['val_loss']) < 1e-5
+    ckpt = load_ckpt(out_dir)
+    assert ckpt['iter_num'] == 2 and all(s['step'].item() == 2 for s in ckpt['optimizer']['state'].values())
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    # dropout exercises the torch RNG state; eval_interval=3 puts evaluations inside both halves
+    args = [*TINY, '--dropout=0.1', '--lr_decay_iters=8', '--eval_interval=3']
+    whole, halves = str(tmp_path / 'whole'), str(tmp_path / 'halves')
+    train(whole, data_dir, *args, '--max_iters=8')
+    train(halves, data_dir, *args, '--max_iters=4')
+    assert load_ckpt(halves)['iter_num'] == 4
+    train(halves, data_dir, *args, '--max_iters=8', '--init_from=resume')
+    a, b = read_log(whole)[0], read_log(halves)[0]
+    print('losses, 8 iterations :', [s['loss'] for s in a])
+    print('losses, 4 + 4 resumed:', [s['loss'] for s in b])
+    assert [s['iter'] for s in b] == list(range(8))
+    assert [s['loss'] for s in a] == [s['loss'] for s in b]
+    assert [s['lr'] for s in a] == [s['lr'] for s in b]
+    diff = max_diff(load_ckpt(whole)['model'], load_ckpt(halves)['model'])
+    print(f'max |weight difference| {diff}')
+    assert diff == 0.0
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    # train.py scales each micro-batch loss by 1/k and sums the gradients over k micro-batches
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                          multiple_of=16))
+    x, y = torch.randint(0, VOCAB, (8, 16)), torch.randint(0, VOCAB, (8, 16))
+    model(x, y)[1].backward()
+    big = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    k = 4
+    for xm, ym in zip(x.chunk(k), y.chunk(k)):
+        (model(xm, ym)[1] / k).backward()
+    accumulated = {n: p.grad for n, p in model.named_parameters()}
+    diff = max_diff(big, accumulated)
+    largest = max(g.abs().max().item() for g in big.values())
+    print(f'max |gradient difference| {diff:.3g} (largest gradient {largest:.3g})')
+    assert diff < 1e-6
+
+
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(data_dir, tmp_path):
+    # 4 micro-batches per step: 2 on each rank (gradient sync on the second only) or 4 in one process
+    args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=6', '--lr_decay_iters=6', '--eval_interval=3']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    train(one, data_dir, *args)
+    result = train(two, data_dir, *args, nproc=2)
+    assert '2 processes x 2 micro-steps' in result.stdout
+    a, b = read_log(one), read_log(two)
+    loss_diff = max(abs(x['loss'] - y['loss']) for x, y in zip(a[0], b[0]))
+    val_diff = max(abs(x['val_loss'] - y['val_loss']) for x, y in zip(a[1], b[1]))
+    ckpt_one, ckpt_two = load_ckpt(one), load_ckpt(two)
+    weight_diff = max_diff(ckpt_one['model'], ckpt_two['model'])
+    print(f'max difference: step loss {loss_diff:.3g}, val loss {val_diff:.3g}, weights {weight_diff:.3g}')
+    assert len(a[0]) == len(b[0]) == 6 and len(a[1]) == len(b[1]) == 3
+    assert loss_diff < 1e-5 and val_diff < 1e-5 and weight_diff < 1e-5
+    assert a[0][-1]['loss'] < a[0][0]['loss'] - 0.3  # it did learn, so the weights had something to differ by
+    assert len(ckpt_two['rng']['data']) == 4 and len(ckpt_two['rng']['torch']) == 2
+
+
+def test_bf16_autocast_runs_on_cpu(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'bf16')
+    train(out_dir, data_dir, *MICRO, '--dtype=bfloat16', '--max_iters=3', '--lr_decay_iters=3', '--eval_iters=2')
+    steps, evals = read_log(out_dir)
+    assert len(steps) == 3 and all(math.isfinite(s['loss']) for s in steps)
+    assert all(math.isfinite(e['val_loss']) for e in evals)
+    ckpt = load_ckpt(out_dir)
+    assert all(t.dtype == torch.float32 for t in ckpt['model'].values())  # autocast keeps fp32 master weights
+    assert ckpt['config']['dtype'] == 'bfloat16'
+
+
+def test_compile_runs_on_cpu(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'compiled')
+    result = train(out_dir, data_dir, *MICRO, '--compile=True', '--gradient_accumulation_steps=1',
+                   '--max_iters=2', '--lr_decay_iters=2', '--eval_iters=2')
+    assert 'compiling' in result.stdout
+    steps, _ = read_log(out_dir)
+    assert len(steps) == 2 and all(math.isfinite(s['loss']) for s in steps)
+    assert not any(k.startswith('_orig_mod') for k in load_ckpt(out_dir)['model'])  # the uncompiled names
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--bogus_key=1'], 'unknown key'),
+    (['--vocab_size=32'], 'vocab_size 32 is smaller'),
+    (['--data_dir=/nonexistent/medslm-data'], 'meta.json not found'),
+    (['--init_from=/nonexistent/export'], 'init_from must be'),
+], ids=['unknown-key', 'vocab-mismatch', 'missing-data', 'bad-init-from'])
+def test_bad_config_is_a_one_line_error(data_dir, tmp_path, args, words):
+    result = train(str(tmp_path / 'out'), data_dir, *MICRO, *args, check=False)
+    print(result.stderr)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith('error:') and words in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'preempted')
+    cmd = [sys.executable, 'train.py', f'--out_dir={out_dir}', f'--data_dir={data_dir}', *MICRO,
+           '--max_iters=100000', '--lr_decay_iters=100000', '--eval_interval=100000', '--eval_iters=2']
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_path, deadline = os.path.join(out_dir, 'log.jsonl'), time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log_path) and len(read_log(out_dir)[0]) >= 3:
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(os.path.join(out_dir, 'ckpt.pt'))  # no evaluation yet, so no checkpoint yet
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert 'stopped by a signal' in stdout
+    steps, _ = read_log(out_dir)
+    ckpt = load_ckpt(out_dir)
+    print(f"stopped after {ckpt['iter_num']} iterations")
+    assert ckpt['iter_num'] == len(steps) == len(ckpt['history']['train_loss']) >= 3
+    assert not os.path.exists(os.path.join(out_dir, 'export'))  # a preempted run is not finished
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, data_dir, tmp_path):
+    out_dir = str(tmp_path / 'diverged')
+    shutil.copytree(trained, out_dir)
+    before = sha(os.path.join(out_dir, 'ckpt.pt'))
+    # a learning rate of 1e30 sends the weights, then the loss, to inf / nan within a few steps
+    result = train(out_dir, data_dir, *TINY, '--init_from=resume', '--learning_rate=1e30', '--min_lr=1e30',
+                   '--warmup_iters=0', '--max_iters=60', '--lr_decay_iters=60', '--eval_interval=10', check=False)
+    print(result.stderr)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and 'error: the loss became' in result.stderr
+    assert sha(os.path.join(out_dir, 'ckpt.pt')) == before
+    steps, _ = read_log(out_dir)
+    assert not math.isfinite(steps[-1]['loss']) and steps[-1]['iter'] < 40  # stopped at the first bad step

@@ -1,0 +1,421 @@
+"""
+Trains a medslm decoder on prepare.py's token shards:
+
+    python train.py config/tiny_cpu.py                                            # laptop CPU
+    torchrun --standalone --nproc_per_node=8 train.py config/medslm_381m.py       # 8 GPUs (--nnodes=N: N machines)
+
+--init_from=resume continues out_dir/ckpt.pt; --init_from=<exported folder> continues pre-training from it.
+A finished run leaves out_dir/export/ (weights, configs, optimizer, tokenizer, loss curves); --export_only=True
+rebuilds it from out_dir/ckpt.pt.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import matplotlib
+matplotlib.use('Agg')  # no display on training machines
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_model
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import GPT, GPTConfig, load_model
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 2000        # evaluate (and checkpoint) every this many optimizer steps, and at the end
+log_interval = 1            # read the loss back from the device every this many steps
+eval_iters = 200            # batches per split in an evaluation
+always_save_checkpoint = True  # if False, checkpoint only when the val loss improves
+init_from = 'scratch'       # 'scratch' | 'resume' (from out_dir/ckpt.pt) | path to an exported model folder
+export_only = False         # just rebuild out_dir/export/ from out_dir/ckpt.pt
+# data
+data_dir = 'data/pubmed'    # prepare.py's output: meta.json and the .bin shards
+gradient_accumulation_steps = 40  # micro-steps per optimizer step, summed over all ranks
+batch_size = 12             # sequences per micro-step
+block_size = 1024
+# model (GPTConfig's fields; see model.py)
+vocab_size = None           # None: the data's vocabulary size from meta.json
+n_layer = 12
+n_head = 12
+n_kv_head = None
+n_embd = 768
+intermediate_size = None
+multiple_of = 256
+norm = 'rmsnorm'
+norm_eps = 1e-5
+pos_embedding = 'rope'
+rope_theta = 10000.0
+mlp = 'swiglu'
+bias = False
+tie_embeddings = False
+dropout = 0.0
+# AdamW
+learning_rate = 6e-4        # peak learning rate, after warmup
+max_iters = 600000          # optimizer steps
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0             # clip the global gradient norm to this; 0 disables
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+warmup_iters = 2000
+lr_decay_iters = 600000     # ~max_iters, per Chinchilla
+min_lr = 6e-5               # ~learning_rate/10, per Chinchilla
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps'
+# bf16 where the GPU has it (fp16 + gradient scaler on older GPUs); float32 on CPU, where bf16 autocast runs ~30x slower
+dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+compile = torch.cuda.is_available()  # torch.compile; on CPU its minute of compile time rarely pays off
+seed = 1337
+peak_flops = 312e12         # per device, the denominator of MFU (A100 bf16)
+# -----------------------------------------------------------------------------
+config_keys = configure(globals())
+config = {k: globals()[k] for k in config_keys}  # what the user asked for, saved with every checkpoint
+
+
+def export(checkpoint):
+    # built in a temporary folder and renamed, so a reader never sees a half-written export
+    final, tmp, old = (os.path.join(out_dir, name) for name in ('export', 'export.tmp', 'export.old'))
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of an interrupted export
+    os.makedirs(tmp)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    save_model(model, os.path.join(tmp, 'model.safetensors'))  # save_model, unlike save_file, handles tied weights
+    torch.save(checkpoint['optimizer'], os.path.join(tmp, 'optimizer.pt'))
+    best = checkpoint['best_val_loss']
+    training = {'config': checkpoint['config'], 'iter_num': checkpoint['iter_num'], 'data_dir': checkpoint['data_dir'],
+                'best_val_loss': best if math.isfinite(best) else None, 'history': checkpoint['history']}
+    for name, obj in (('config.json', checkpoint['model_args']), ('training_config.json', training),
+                      ('meta.json', checkpoint['meta'])):
+        with open(os.path.join(tmp, name), 'w') as f:
+            json.dump(obj, f, indent=2)
+    if checkpoint['meta'].get('tokenizer_file'):
+        shutil.copy(os.path.join(checkpoint['data_dir'], checkpoint['meta']['tokenizer_file']), tmp)
+    history, evals = checkpoint['history'], checkpoint['history']['eval']
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
+    ax.plot([e['iter'] for e in evals], [e['train_loss'] for e in evals], 'o-', color='tab:blue', label='train (eval)')
+    ax.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 's-', color='tab:orange', label='val (eval)')
+    ax.set(xlabel='iteration (optimizer steps)', ylabel='cross-entropy loss (nats per token)',
+           title=f"{os.path.basename(os.path.abspath(out_dir))} ({checkpoint['iter_num']} iterations)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(os.path.join(tmp, 'loss_curves.png'), dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    if os.path.exists(final):  # a folder can only be renamed onto a missing or empty one
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f'exported {final}')
+
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if export_only:
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f'error: {ckpt_path} not found: nothing to export')
+    export(torch.load(ckpt_path, map_location='cpu', weights_only=True))
+    raise SystemExit(0)
+
+# DDP when launched by torchrun, which sets RANK
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f'cuda:{os.environ["LOCAL_RANK"]}'
+        torch.cuda.set_device(device)
+    else:  # CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    if gradient_accumulation_steps % ddp_world_size:
+        raise SystemExit(f'error: gradient_accumulation_steps={gradient_accumulation_steps} must be divisible '
+                         f'by the number of processes ({ddp_world_size})')
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, ddp_world_size = 0, 1
+master_process = ddp_rank == 0  # the only rank that prints and writes files
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+torch.manual_seed(seed + ddp_rank)
+device_type = device.split(':')[0]
+if device_type == 'cuda':
+    torch.set_float32_matmul_precision('high')  # TF32 matmuls
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"error: dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+ptdtype = getattr(torch, dtype)
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: every split is a list of shards; a window may start anywhere a full block_size + 1 tokens fits
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.exists(meta_path):
+    raise SystemExit(f'error: {meta_path} not found: prepare the data first (python prepare.py --out {data_dir})')
+with open(meta_path) as f:
+    meta = json.load(f)
+token_dtype = np.dtype(meta['dtype'])
+splits = {}
+for split in ('train', 'val'):
+    files = [os.path.join(data_dir, name) for name in meta['splits'][split]['files']]
+    for path in files:
+        if not os.path.exists(path):
+            raise SystemExit(f'error: {path} (listed in {meta_path}) not found')
+    starts = np.array([max(os.path.getsize(p) // token_dtype.itemsize - block_size, 0) for p in files])
+    if starts.sum() == 0:
+        raise SystemExit(f'error: the {split} split of {data_dir} has no shard longer than block_size={block_size}')
+    splits[split] = (files, starts)
+
+
+def get_batch(split, generator):
+    files, starts = splits[split]
+    ends = np.cumsum(starts)
+    # a uniform draw over all window starts picks each shard in proportion to its length
+    ix = torch.randint(int(ends[-1]), (batch_size,), generator=generator).numpy()
+    shard = np.searchsorted(ends, ix, side='right')
+    offsets = ix - (ends - starts)[shard]
+    # fresh memmaps every batch: a long-lived one keeps every page it ever touched resident (nanoGPT's fix)
+    shards = {s: np.memmap(files[s], dtype=token_dtype, mode='r') for s in set(shard.tolist())}
+    w = torch.from_numpy(np.stack([shards[s][o:o + block_size + 1] for s, o in zip(shard, offsets)]).astype(np.int64))
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# One sampler stream per micro-batch slot of the global batch (rank r owns slots r*k .. r*k+k-1): the global
+# batch is then the same on any number of processes, so runs compare across world sizes and resume exactly.
+train_gens = [torch.Generator().manual_seed(seed + s) for s in
+              range(ddp_rank * gradient_accumulation_steps, (ddp_rank + 1) * gradient_accumulation_steps)]
+
+# model
+iter_num, best_val_loss, history = 0, float('inf'), {'train_loss': [], 'eval': []}
+checkpoint = None
+if init_from == 'scratch':
+    model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
+    model_args['vocab_size'] = vocab_size if vocab_size is not None else meta['vocab_size']
+    model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f'error: {ckpt_path} not found: nothing to resume')
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))  # the checkpoint's shapes win over the config's
+    model.load_state_dict(checkpoint['model'])
+    iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['history']
+elif os.path.isdir(init_from):
+    model = load_model(init_from)  # continued pre-training: its weights, a fresh optimizer and schedule
+else:
+    raise SystemExit(f"error: init_from must be 'scratch', 'resume' or an exported model folder, got {init_from!r}")
+model_args = asdict(model.config)
+if model_args['vocab_size'] < meta['vocab_size']:
+    raise SystemExit(f"error: the model's vocab_size {model_args['vocab_size']} is smaller than the data's "
+                     f"{meta['vocab_size']} ({meta_path})")
+if block_size > model_args['block_size']:
+    raise SystemExit(f"error: block_size {block_size} exceeds the model's {model_args['block_size']}")
+model.to(device)
+raw_model = model  # uncompiled and unwrapped: what gets saved and evaluated
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # bf16 has fp32's range: no scaling
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    rng = checkpoint['rng']  # a changed gradient_accumulation_steps only changes which streams continue
+    for g, state in zip(train_gens, rng['data'][ddp_rank * gradient_accumulation_steps:]):
+        g.set_state(state.cpu())
+    if len(rng['torch']) == ddp_world_size:  # dropout's streams are per rank
+        torch.set_rng_state(rng['torch'][ddp_rank].cpu())
+        if device_type == 'cuda' and rng['cuda'][ddp_rank] is not None:
+            torch.cuda.set_rng_state(rng['cuda'][ddp_rank].cpu())
+    checkpoint = None  # free the memory
+if compile:
+    if master_process:
+        print('compiling the model... (takes a ~minute)')
+    model = torch.compile(model)
+if ddp:  # the rope buffer is the same on every rank: no need to broadcast buffers every forward
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
+                broadcast_buffers=False)
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    # Batch k is drawn from its own seed: every evaluation sees the same windows (comparable over time, and
+    # never moves the training streams), and the ranks share the batches out. The uncompiled model spares a
+    # second compilation for the no-grad graph; evaluation is a small fraction of the compute.
+    raw_model.eval()
+    out = {}
+    for split in ('train', 'val'):
+        total = torch.zeros((), device=device)
+        for k in range(ddp_rank, eval_iters, ddp_world_size):
+            X, Y = get_batch(split, torch.Generator().manual_seed(seed + 10**6 + k))
+            with ctx:
+                total += raw_model(X, Y)[1].float()
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = total.item() / eval_iters
+    raw_model.train()
+    return out
+
+
+def log(record):
+    if master_process:
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def stop(reason):
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(f'error: {reason}: stopped; {ckpt_path} keeps the last good state')
+
+
+def flush_steps():
+    # The step losses stay on the device until here: one host sync (and one all-reduce for the mean over
+    # ranks) per log interval rather than one per micro-step.
+    global pending, t_flush
+    if not pending:
+        return
+    losses = torch.stack([p[1] for p in pending])
+    if ddp:
+        dist.all_reduce(losses)
+        losses /= ddp_world_size
+    now = time.time()
+    dt = (now - t_flush) / len(pending)  # only the interval is timed accurately: the device runs ahead
+    tokens_per_s = tokens_per_iter / dt
+    mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak_flops)  # per device
+    for (it, _, lr, elapsed), loss in zip(pending, losses.tolist()):
+        history['train_loss'].append(loss)
+        log({'iter': it, 'loss': loss, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu, 'elapsed_s': elapsed})
+        if not math.isfinite(loss):
+            stop(f'the loss became {loss} at iter {it}')
+    if master_process:
+        print(f'iter {it}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, '
+              f'mfu {mfu * 100:.2f}%')
+    pending, t_flush = [], now
+
+
+def evaluate():
+    losses = estimate_loss()
+    split = meta['splits']['val']
+    record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+              'val_ppl': math.exp(min(losses['val'], 700)),  # math.exp raises past ~709
+              'val_bpb': losses['val'] / math.log(2) * split['tokens'] / split['bytes']}
+    history['eval'].append(record)
+    log(record)
+    if master_process:
+        print(f"step {iter_num}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+              f"val ppl {record['val_ppl']:.2f}, val bits/byte {record['val_bpb']:.4f}")
+    return losses['val']
+
+
+def save_checkpoint():
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        stop(f'the weights became non-finite at iter {iter_num}')
+    state = {'data': [g.get_state() for g in train_gens], 'torch': torch.get_rng_state(),
+             'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    ranks = [state]
+    if ddp:  # every rank's streams, so the resumed run draws what this one would have drawn
+        ranks = [None] * ddp_world_size
+        dist.all_gather_object(ranks, state)
+    if not master_process:
+        return
+    checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                  'scaler': scaler.state_dict(), 'model_args': model_args, 'config': config, 'iter_num': iter_num,
+                  'best_val_loss': best_val_loss, 'history': history, 'data_dir': data_dir, 'meta': meta,
+                  'rng': {'data': [s for r in ranks for s in r['data']], 'torch': [r['torch'] for r in ranks],
+                          'cuda': [r['cuda'] for r in ranks]}}
+    tmp = ckpt_path + '.tmp'  # a crash while writing leaves the previous checkpoint whole
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, ckpt_path)
+    print(f'saved {ckpt_path} at iter {iter_num}')
+
+
+# preemption (SIGTERM) and Ctrl-C (SIGINT): finish the step, checkpoint, exit; a second signal kills at once
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    signal.signal(signum, signal.SIG_DFL)
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    if init_from != 'resume':
+        open(os.path.join(out_dir, 'log.jsonl'), 'w').close()
+    print(f'{raw_model.get_num_params():,} parameters, {tokens_per_iter:,} tokens per iteration '
+          f'({ddp_world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size} x {block_size})')
+
+# training loop
+pending = []  # (iter, loss on the device, lr, elapsed_s) of the steps not yet logged
+t0 = t_flush = time.time()
+stopping = False
+if iter_num == 0:
+    evaluate()  # the starting point of the loss curves
+    t_flush = time.time()
+while iter_num < max_iters:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    X, Y = get_batch('train', train_gens[0])
+    step_loss = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # all-reduce the gradients only once, after the last micro-step
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        if micro_step + 1 < gradient_accumulation_steps:  # read the next batch while the device computes
+            X, Y = get_batch('train', train_gens[micro_step + 1])
+        step_loss += loss.detach().float()
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    pending.append((iter_num, step_loss, lr, time.time() - t0))
+    iter_num += 1
+
+    stopping = stop_requested
+    if ddp:  # ranks may see the signal in different steps; they must all stop after the same one
+        flag = torch.tensor(float(stopping), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopping = flag.item() > 0
+    evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
+    if iter_num % log_interval == 0 or evaluating or stopping:
+        flush_steps()
+    if evaluating:
+        val_loss = evaluate()
+        if val_loss < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, val_loss)
+            save_checkpoint()
+        t_flush = time.time()
+    if stopping:
+        save_checkpoint()  # even if the val loss is worse: this is where the resumed run continues
+        if master_process:
+            print(f'stopped by a signal at iter {iter_num}; continue with --init_from=resume')
+        break
+
+if ddp:
+    dist.destroy_process_group()
+if master_process and not stopping and os.path.exists(ckpt_path):
+    export(torch.load(ckpt_path, map_location='cpu', weights_only=True))

@@ -1,0 +1,198 @@
+"""
+Held-out evaluation of a medslm model (a training out_dir or an exported folder):
+
+    python eval.py --out_dir=out-tiny                        # test split: loss, perplexity, bits per byte
+    python eval.py --out_dir=out-tiny --mcq=pubmedqa.jsonl   # multiple-choice accuracy
+
+The split is scored exactly: every token once, the first one given an EOS (every document follows one).
+Windows of block_size tokens end at block_size, block_size + stride, ... and the end of the split; each scores
+the tokens its predecessor did not reach, so a scored token sees at least block_size - stride tokens of
+context. Bits per UTF-8 byte is the number that compares models across tokenizers (on PubMed abstracts
+GPT-2 small scores 0.95, GPT-2 XL 0.78).
+
+Multiple-choice questions are JSON lines {"question", "options": [...] or {"A": ..., ...}, "answer": index,
+letter or option text, "context": optional}: MedQA's files as published, PubMedQA (options yes/no/maybe) and
+MedMCQA (opa..opd, cop) converted to that shape. The prediction is the option whose
+tokens are most likely after "<context>\nQuestion: <question>\nAnswer:"; also with the log-likelihood divided
+by the option's length in characters (lm-evaluation-harness's acc_norm), which favours long options less.
+"""
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import configure
+from model import load_model
+from prepare import load_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors)
+data_dir = ''           # tokenized data (meta.json + shards); '' means the folder the model was trained on
+split = 'test'
+stride = 0              # tokens each window advances; the rest of the window is context. 0 means block_size // 2
+batch_size = 4          # windows per forward pass; their logits take batch_size * block_size * vocab * 4 bytes
+mcq = ''                # JSON lines of multiple-choice questions: score these instead of the split
+out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or out_dir/eval_<mcq name>.json
+device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast)
+compile = False         # torch.compile the scoring
+# -----------------------------------------------------------------------------
+configure(globals())
+
+if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
+    sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
+if mcq and not os.path.isfile(mcq):
+    sys.exit(f'error: question file {mcq} not found (--mcq)')
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+if ptdtype is None:
+    sys.exit(f"error: --dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+model = load_model(out_dir, device).eval()
+block_size = model.config.block_size
+
+
+def trained_on():
+    # the data folder named by the checkpoint, or by the training_config.json an export carries
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path):
+        return torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
+    if os.path.exists(os.path.join(out_dir, 'training_config.json')):
+        with open(os.path.join(out_dir, 'training_config.json')) as f:
+            return json.load(f).get('data_dir')
+
+
+def nll(x, y):
+    """Summed negative log-likelihood of each row's targets y (-1 = not scored), in fp32: (B,)"""
+    scored = y != -1
+    # the head runs only where a target is scored: at the default stride that halves its cost, and the head is
+    # most of a small model's forward pass when the vocabulary is large
+    logits = model.output(model.hidden(x)[scored]).float()  # (scored, vocab)
+    losses = F.cross_entropy(logits, y[scored], reduction='none')
+    return torch.zeros(len(x), device=x.device).index_add_(0, scored.nonzero()[:, 0], losses)
+
+
+if compile:
+    nll = torch.compile(nll, dynamic=True)
+
+
+def read_mcq(path):
+    """(prompt, option texts, answer index) for each question of a JSON lines file."""
+    questions = []
+    for n, line in enumerate(open(path, encoding='utf-8'), 1):
+        if not line.strip():
+            continue
+        q = json.loads(line)
+        if not ({'question', 'options', 'answer'} <= q.keys() and len(q['options']) >= 2):
+            sys.exit(f'error: {path}:{n}: a question needs the keys question, options (two or more) and answer')
+        options, answer = q['options'], q['answer']
+        keys = list(options) if isinstance(options, dict) else [chr(ord('A') + i) for i in range(len(options))]
+        texts = list(options.values()) if isinstance(options, dict) else list(options)
+        if type(answer) is int and 0 <= answer < len(texts):
+            index = answer
+        elif answer in keys:
+            index = keys.index(answer)
+        elif answer in texts:
+            index = texts.index(answer)
+        else:
+            sys.exit(f'error: {path}:{n}: answer {answer!r} is neither an option index, letter nor text')
+        context = q.get('context') or ''
+        context = '\n'.join(context) if isinstance(context, list) else context
+        questions.append(((context + '\n' if context else '') + f"Question: {q['question']}\nAnswer:", texts, index))
+    return questions
+
+
+def option_logprobs(prompt, options):
+    """Log-likelihood of each option's tokens (' ' + text) after the prompt, all options in one batch."""
+    context = [tok.eos_id] + tok.encode(prompt)
+    conts = [tok.encode(' ' + o) for o in options]
+    if max(map(len, conts)) >= block_size:
+        sys.exit(f'error: an option of {max(map(len, conts))} tokens does not fit block_size {block_size}')
+    seqs = [(context + c)[-(block_size + 1):] for c in conts]  # a long prompt loses its start, never the option
+    T = max(map(len, seqs)) - 1
+    x = torch.full((len(seqs), T), tok.eos_id, dtype=torch.long)  # right padding: causal, so never attended
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (s, c) in enumerate(zip(seqs, conts)):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, len(s) - 1 - len(c):len(s) - 1] = torch.tensor(c, dtype=torch.long)
+    return (-nll(x.to(device), y.to(device))).tolist()
+
+
+with torch.no_grad(), ctx:
+    if mcq:
+        # the tokenizer: an export carries it; a checkpoint names its training data folder
+        tok_dir = next((d for d in (out_dir, os.path.join(out_dir, 'export'))
+                        if os.path.exists(os.path.join(d, 'meta.json'))), None) or trained_on()
+        if not tok_dir or not os.path.exists(os.path.join(tok_dir, 'meta.json')):
+            sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder {tok_dir}')
+        tok = load_tokenizer(tok_dir)
+        if tok.vocab_size > model.config.vocab_size:
+            sys.exit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, '
+                     f'the model {model.config.vocab_size}')
+        questions, results = read_mcq(mcq), []
+        for prompt, options, answer in tqdm(questions, desc='questions', disable=None):
+            scores = option_logprobs(prompt, options)
+            scores_norm = [s / (len(o) + 1) for s, o in zip(scores, options)]  # per character of ' ' + option
+            results.append(dict(answer=answer, pred=int(np.argmax(scores)), pred_norm=int(np.argmax(scores_norm)),
+                                scores=scores, scores_norm=scores_norm))
+        summary = dict(questions=len(results),
+                       accuracy=float(np.mean([r['pred'] == r['answer'] for r in results])),
+                       accuracy_norm=float(np.mean([r['pred_norm'] == r['answer'] for r in results])),
+                       chance=float(np.mean([1 / len(q[1]) for q in questions])))
+        header = f'{mcq}: {len(results)} questions'
+        report = dict(out_dir=out_dir, mcq=mcq, **summary, results=results)
+        default_out = f'eval_{os.path.splitext(os.path.basename(mcq))[0]}.json'
+    else:
+        folder = data_dir or trained_on()
+        if not folder or not os.path.exists(os.path.join(folder, 'meta.json')):
+            sys.exit(f'error: no meta.json in data folder {folder!r} (--data_dir)')
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+        if split not in meta['splits']:
+            sys.exit(f"error: {folder} has no split {split!r}, only {', '.join(meta['splits'])} (--split)")
+        info = meta['splits'][split]
+        tokens = np.concatenate([np.fromfile(os.path.join(folder, f), dtype=meta['dtype']) for f in info['files']])
+        if tokens.max() >= model.config.vocab_size:
+            sys.exit(f'error: {folder} holds token {tokens.max()}, past the model\'s vocab_size '
+                     f'{model.config.vocab_size}')
+        data = torch.from_numpy(np.concatenate([[meta['eos_id']], tokens]).astype(np.int64))
+        n, L = len(tokens), min(block_size, len(tokens))  # n targets: data[1:] given what precedes each
+        step = stride or block_size // 2
+        if not 1 <= step <= block_size:
+            sys.exit(f'error: stride {step} must be between 1 and block_size {block_size}')
+        windows, end, done = [], L, 0  # (first input, first scored target, end)
+        while True:
+            windows.append((end - L, done, end))
+            if end == n:
+                break
+            done, end = end, min(end + step, n)
+        total = 0.0
+        for i in tqdm(range(0, len(windows), batch_size), desc=f'{split} windows', disable=None):
+            batch = windows[i:i + batch_size]
+            x = torch.stack([data[a:e] for a, _, e in batch])
+            y = torch.stack([data[a + 1:e + 1] for a, _, e in batch])
+            for row, (a, d, _) in enumerate(batch):
+                y[row, :d - a] = -1  # scored by an earlier window
+            total += nll(x.to(device), y.to(device)).double().sum().item()
+        loss = total / n
+        summary = dict(loss=loss, perplexity=math.exp(loss), bits_per_token=loss / math.log(2),
+                       bits_per_byte=total / math.log(2) / info['bytes'])
+        header = (f'{folder} {split}: {n:,} tokens, {info["bytes"]:,} bytes, '
+                  f'{len(windows)} windows of {L} (stride {step})')
+        report = dict(out_dir=out_dir, data_dir=folder, split=split, tokens=n, bytes=info['bytes'],
+                      windows=len(windows), block_size=block_size, stride=step, **summary)
+        default_out = f'eval_{split}.json'
+
+print(header)
+for key, value in summary.items():
+    print(f'  {key:<16} {value:>10.4f}' if isinstance(value, float) else f'  {key:<16} {value:>10}')
+out_file = out_file or os.path.join(out_dir, default_out)
+with open(out_file, 'w') as f:
+    json.dump(report, f, indent=2)
+print(f'wrote {out_file}')

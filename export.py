@@ -1,0 +1,204 @@
+"""
+Exports a medslm model so other tools can load it without our code:
+
+    python export.py --out_dir=out-tiny --format=hf           # -> out-tiny/hf
+    python export.py --out_dir=out-tiny --format=safetensors  # -> out-tiny/safetensors
+
+--format=hf writes a Hugging Face folder that transformers' AutoModelForCausalLM and AutoTokenizer load with no
+custom code: the modern block (RMSNorm, RoPE, SwiGLU) as LlamaForCausalLM, the classic block (LayerNorm,
+learned positions, GELU) as GPT2LMHeadModel, plus the tokenizer. --format=safetensors writes the plain folder
+train.py exports (model.safetensors, config.json, meta.json, tokenizer.json), which sample.py and eval.py read.
+The files are written by hand (json + safetensors): transformers is not needed here.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import save_file, save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from configurator import configure
+from model import load_model
+from prepare import gpt2_encoding
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors) to export
+format = 'hf'           # 'hf' (transformers: Llama or GPT-2 layout) | 'safetensors' (medslm's own folder)
+export_dir = ''         # where to write; '' means out_dir/<format>. Replaced whole if it exists
+# -----------------------------------------------------------------------------
+configure(globals())
+
+
+
+
+def llama(model):
+    """config.json and tensors of LlamaForCausalLM. RoPE already uses Llama's rotate_half layout, so q and k
+    need no permutation; wqkv and w1 are only split."""
+    cfg, sd = model.config, model.state_dict()
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    t = {'model.embed_tokens.weight': sd['tok_embeddings.weight'], 'model.norm.weight': sd['norm.weight']}
+    if not cfg.tie_embeddings:
+        t['lm_head.weight'] = sd['output.weight']
+    for i in range(cfg.n_layer):
+        p, hf = f'layers.{i}.', f'model.layers.{i}.'
+        t[hf + 'input_layernorm.weight'] = sd[p + 'attention_norm.weight']
+        t[hf + 'post_attention_layernorm.weight'] = sd[p + 'ffn_norm.weight']
+        for kind in ['weight', 'bias'] if cfg.bias else ['weight']:
+            wq, wk, wv = sd[p + 'attention.wqkv.' + kind].split([q, kv, kv])
+            gate, up = sd[p + 'feed_forward.w1.' + kind].chunk(2)
+            t.update({hf + 'self_attn.q_proj.' + kind: wq, hf + 'self_attn.k_proj.' + kind: wk,
+                      hf + 'self_attn.v_proj.' + kind: wv, hf + 'mlp.gate_proj.' + kind: gate,
+                      hf + 'mlp.up_proj.' + kind: up,
+                      hf + 'self_attn.o_proj.' + kind: sd[p + 'attention.wo.' + kind],
+                      hf + 'mlp.down_proj.' + kind: sd[p + 'feed_forward.w2.' + kind]})
+    config = dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
+                  hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
+                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                  hidden_act='silu', max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                  rope_theta=cfg.rope_theta, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+                  tie_word_embeddings=cfg.tie_embeddings)
+    return config, t
+
+
+def gpt2(model):
+    """config.json and tensors of GPT2LMHeadModel. Its Conv1D layers store weights as (in, out), the transpose
+    of nn.Linear; it always has biases, so a bias-free model gets zeros."""
+    cfg, sd = model.config, model.state_dict()
+
+    def bias(name, n):
+        return sd.get(name, torch.zeros(n))
+
+    t = {'transformer.wte.weight': sd['tok_embeddings.weight'], 'transformer.wpe.weight': sd['pos_embeddings.weight'],
+         'transformer.ln_f.weight': sd['norm.weight'], 'transformer.ln_f.bias': bias('norm.bias', cfg.n_embd)}
+    if not cfg.tie_embeddings:
+        t['lm_head.weight'] = sd['output.weight']
+    for i in range(cfg.n_layer):
+        p, hf = f'layers.{i}.', f'transformer.h.{i}.'
+        for ours, theirs in [('attention.wqkv', 'attn.c_attn'), ('attention.wo', 'attn.c_proj'),
+                             ('feed_forward.w1', 'mlp.c_fc'), ('feed_forward.w2', 'mlp.c_proj')]:
+            w = sd[p + ours + '.weight']
+            t[hf + theirs + '.weight'] = w.t()
+            t[hf + theirs + '.bias'] = bias(p + ours + '.bias', w.size(0))
+        for ours, theirs in [('attention_norm', 'ln_1'), ('ffn_norm', 'ln_2')]:
+            t[hf + theirs + '.weight'] = sd[p + ours + '.weight']
+            t[hf + theirs + '.bias'] = bias(p + ours + '.bias', cfg.n_embd)
+    config = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=cfg.vocab_size,
+                  n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_inner=cfg.intermediate_size, activation_function='gelu_new', layer_norm_epsilon=cfg.norm_eps,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
+                  tie_word_embeddings=cfg.tie_embeddings)
+    return config, t
+
+
+def bytes_to_unicode():
+    # GPT-2's printable stand-in for each byte: vocab.json and tokenizer.json spell byte-level tokens with it
+    bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    return dict(zip(bs, map(chr, cs)))
+
+
+def gpt2_tokenizer(path):
+    """GPT-2's tokenizer.json (+ vocab.json, merges.txt) rebuilt from the tiktoken ranks prepare.py encodes with.
+    tiktoken keeps only ranks; the merge that made a token is what BPE restricted to lower ranks leaves it as."""
+    ranks = gpt2_encoding()._mergeable_ranks
+    byte_char = bytes_to_unicode()
+    spell = lambda token: ''.join(byte_char[b] for b in token)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            assert pair_ranks[i] < rank, f'{token} is not a merge of lower-ranked tokens'
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(['<|endoftext|>'])
+    tok.save(os.path.join(path, 'tokenizer.json'))
+    with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
+        json.dump({**vocab, '<|endoftext|>': len(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
+        f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+
+
+if format not in ('hf', 'safetensors'):
+    sys.exit(f"error: --format must be 'hf' or 'safetensors', got {format!r}")
+if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
+    sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
+model = load_model(out_dir, 'cpu').float()
+cfg, ckpt_path = model.config, os.path.join(out_dir, 'ckpt.pt')
+# the tokenizer: an export carries it (meta.json, tokenizer.json); a checkpoint names its training data folder
+tok_dir = next((d for d in (out_dir, os.path.join(out_dir, 'export')) if os.path.exists(os.path.join(d, 'meta.json'))),
+               None)
+if tok_dir is None and os.path.exists(ckpt_path):
+    tok_dir = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
+if tok_dir is None or not os.path.exists(os.path.join(tok_dir, 'meta.json')):
+    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder {tok_dir}')
+with open(os.path.join(tok_dir, 'meta.json')) as f:
+    meta = json.load(f)
+modern = (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('rmsnorm', 'rope', 'swiglu')
+classic = (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('layernorm', 'learned', 'gelu') and cfg.n_kv_head == cfg.n_head
+if format == 'hf' and not (modern or classic):
+    sys.exit(f'error: norm={cfg.norm} pos_embedding={cfg.pos_embedding} mlp={cfg.mlp} n_kv_head={cfg.n_kv_head} '
+             f'matches neither Llama (rmsnorm, rope, swiglu) nor GPT-2 (layernorm, learned, gelu, no GQA); '
+             f'use --format=safetensors')
+
+dst = export_dir or os.path.join(out_dir, format)
+# written to a temporary folder beside dst and renamed, so dst is never half-written
+os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+tmp = tempfile.mkdtemp(prefix='.export-', dir=os.path.dirname(os.path.abspath(dst)))
+try:
+    os.chmod(tmp, 0o755)
+    if format == 'safetensors':
+        save_model(model, os.path.join(tmp, 'model.safetensors'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        for name in filter(None, ['meta.json', meta.get('tokenizer_file')]):
+            shutil.copy(os.path.join(tok_dir, name), tmp)
+        if os.path.exists(os.path.join(out_dir, 'training_config.json')):
+            shutil.copy(os.path.join(out_dir, 'training_config.json'), tmp)
+        elif os.path.exists(ckpt_path):
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
+            training = {k: ckpt.get(k) for k in ('config', 'iter_num', 'data_dir')}  # as train.py's export
+            with open(os.path.join(tmp, 'training_config.json'), 'w') as f:
+                json.dump(training, f, indent=2)
+    else:
+        config, tensors = (llama if modern else gpt2)(model)
+        if meta['tokenizer'] == 'gpt2':
+            gpt2_tokenizer(tmp)
+        else:
+            shutil.copy(os.path.join(tok_dir, meta['tokenizer_file']), os.path.join(tmp, 'tokenizer.json'))
+        with open(os.path.join(tmp, 'tokenizer.json')) as f:
+            special = {t['id']: t['content'] for t in json.load(f)['added_tokens']}
+        tokens = {f'{k}_token': special[meta[f'{k}_id']] for k in ('bos', 'eos', 'unk', 'pad')
+                  if meta.get(f'{k}_id') in special}
+        with open(os.path.join(tmp, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+            # as ours: a special token's text in the input is plain text, and decode cleans up no spaces
+            json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': cfg.block_size,
+                       'split_special_tokens': True, 'clean_up_tokenization_spaces': False, **tokens},
+                      f, indent=2, ensure_ascii=False)
+        config.update({f'{k}_token_id': meta.get(f'{k}_id') for k in ('bos', 'eos', 'pad')})
+        config['torch_dtype'] = 'float32'
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
+        # copies: safetensors refuses tensors that share storage (the q, k, v views of wqkv) or are transposed
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.join(tmp, 'model.safetensors'),
+                  metadata={'format': 'pt'})
+    if os.path.exists(dst):
+        os.rename(dst, tmp + '.old')
+    os.rename(tmp, dst)
+    shutil.rmtree(tmp + '.old', ignore_errors=True)
+except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+layout = {'safetensors': 'medslm', 'hf': 'LlamaForCausalLM' if modern else 'GPT2LMHeadModel'}[format]
+print(f'wrote {dst} ({layout}, {model.get_num_params():,} parameters, tokenizer {meta["tokenizer"]})')

@@ -183,9 +183,10 @@ def test_init_from_an_export_continues_with_its_weights_and_a_fresh_optimizer(tr
     assert ckpt['iter_num'] == 2 and all(s['step'].item() == 2 for s in ckpt['optimizer']['state'].values())
 
 
-def test_resume_is_exact(data_dir, tmp_path):
+@pytest.mark.parametrize('optimizer', [[], ['--muon_lr=0.02']], ids=['adamw', 'muon'])
+def test_resume_is_exact(data_dir, tmp_path, optimizer):
     # dropout exercises the torch RNG state; eval_interval=3 puts evaluations inside both halves
-    args = [*TINY, '--dropout=0.1', '--lr_decay_iters=8', '--eval_interval=3']
+    args = [*TINY, *optimizer, '--dropout=0.1', '--lr_decay_iters=8', '--eval_interval=3']
     whole, halves = str(tmp_path / 'whole'), str(tmp_path / 'halves')
     train(whole, data_dir, *args, '--max_iters=8')
     train(halves, data_dir, *args, '--max_iters=4')

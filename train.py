@@ -66,6 +66,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0             # clip the global gradient norm to this; 0 disables
+muon_lr = None              # Muon at this peak lr for the matrices inside the blocks (AdamW for the rest); None: AdamW
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 warmup_iters = 2000
 lr_decay_iters = 600000     # ~max_iters, per Chinchilla
@@ -219,7 +220,7 @@ if block_size > model_args['block_size']:
     raise SystemExit(f"error: block_size {block_size} exceeds the model's {model_args['block_size']}")
 model.to(device)
 raw_model = model  # uncompiled and unwrapped: what gets saved and evaluated
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, muon_lr)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # bf16 has fp32's range: no scaling
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])

@@ -309,10 +309,10 @@ class GPT(nn.Module):
         """Yields the next token of every row (B,) one step at a time, decoding with a KV cache.
         Stops early once every row has produced eos_id (rows that finished keep yielding eos_id)."""
         B, T = idx.size()
-        if T + max_new_tokens > self.config.block_size:
+        if T + max_new_tokens - 1 > self.config.block_size:  # the last new token is never fed back
             raise ValueError(f'prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size '
-                             f'{self.config.block_size}')
-        self.setup_caches(B, T + max_new_tokens)
+                             f'{self.config.block_size} by more than one')
+        self.setup_caches(B, T + max_new_tokens - 1)
         try:
             logits, _ = self(idx, pos=0)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -392,7 +392,7 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):  # 0 or None: off
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float('-inf'))
     if top_p is not None and top_p < 1.0:
@@ -410,6 +410,9 @@ def load_model(path, device='cpu'):
         from safetensors.torch import load_model as load_safetensors
         with open(os.path.join(path, 'config.json')) as f:
             model_args = json.load(f)
+        if 'n_layer' not in model_args:
+            raise ValueError(f'{path}/config.json is not a medslm model config (a Hugging Face export? '
+                             'load that with transformers)')
         model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in {f.name for f in fields(GPTConfig)}}))
         load_safetensors(model, os.path.join(path, 'model.safetensors'), device=str(device))
         return model.to(device)

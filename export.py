@@ -22,7 +22,7 @@ from safetensors.torch import save_file, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
-from model import load_model
+from model import load_model, tokenizer_folder
 from prepare import gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -136,13 +136,9 @@ if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.
     sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
 model = load_model(out_dir, 'cpu').float()
 cfg, ckpt_path = model.config, os.path.join(out_dir, 'ckpt.pt')
-# the tokenizer: an export carries it (meta.json, tokenizer.json); a checkpoint names its training data folder
-tok_dir = next((d for d in (out_dir, os.path.join(out_dir, 'export')) if os.path.exists(os.path.join(d, 'meta.json'))),
-               None)
-if tok_dir is None and os.path.exists(ckpt_path):
-    tok_dir = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
-if tok_dir is None or not os.path.exists(os.path.join(tok_dir, 'meta.json')):
-    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder {tok_dir}')
+tok_dir = tokenizer_folder(out_dir)
+if tok_dir is None:
+    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
 with open(os.path.join(tok_dir, 'meta.json')) as f:
     meta = json.load(f)
 modern = (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('rmsnorm', 'rope', 'swiglu')

@@ -423,3 +423,17 @@ def load_model(path, device='cpu'):
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     return model.to(device)
+
+
+def tokenizer_folder(path):
+    """The folder holding the tokenizer (meta.json) of the model at path: an export carries its own, a training
+    out_dir has it in export/ or names its data folder in ckpt.pt. None if there is none."""
+    for folder in (path, os.path.join(path, 'export')):
+        if os.path.exists(os.path.join(folder, 'meta.json')):
+            return folder
+    ckpt_path = os.path.join(path, 'ckpt.pt')
+    if os.path.exists(ckpt_path):
+        data_dir = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
+        if os.path.exists(os.path.join(data_dir, 'meta.json')):
+            return data_dir
+    return None

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from model import load_model, sample_logits
+from model import load_model, sample_logits, tokenizer_folder
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -51,14 +51,9 @@ model = load_model(out_dir, device).eval()
 if compile:
     model.forward = torch.compile(model.forward, dynamic=True)  # stream() calls model(...), so this is what runs
 
-# the tokenizer: an export carries it (meta.json, tokenizer.json); a checkpoint names its training data folder
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-tok_dir = next((d for d in (out_dir, os.path.join(out_dir, 'export')) if os.path.exists(os.path.join(d, 'meta.json'))),
-               None)
-if tok_dir is None and os.path.exists(ckpt_path):
-    tok_dir = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
-if tok_dir is None or not os.path.exists(os.path.join(tok_dir, 'meta.json')):
-    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder {tok_dir}')
+tok_dir = tokenizer_folder(out_dir)
+if tok_dir is None:
+    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
 tok = load_tokenizer(tok_dir)
 if tok.vocab_size > model.config.vocab_size:
     sys.exit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, the model {model.config.vocab_size}')

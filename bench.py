@@ -1,0 +1,254 @@
+"""
+Speed of medslm against Hugging Face transformers, in one run on one machine: the training step, generation
+and data preparation, each with its peak memory. Prints one table and writes it as JSON.
+
+    python bench.py                                  # everything; compile and bf16 take a while on a CPU
+    python bench.py --compile=False --bf16=False     # the quick run, 2-3 minutes on 2 cores
+    python bench.py --config_file=config/tiny_cpu.py --batch_size=16 --n_layer=2
+
+Both sides get the same shape, weights and batch: ours is copied into LlamaForCausalLM (attn_implementation
+'sdpa'), and the two losses are checked equal first. Timings are medians over repetitions after warm-up, with
+ours and theirs interleaved rep by rep so that the drift of a shared machine hits both alike: quote the
+ratios. MFU is against the peak FLOP/s of large matmuls in the same dtype, measured here. Peak memory is
+what an item adds to the process while it runs (CUDA: allocated; CPU: resident set, Linux).
+"""
+import copy
+import ctypes
+import gc
+import json
+import os
+import resource
+import runpy
+import subprocess
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import torch
+
+import prepare
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+config_file = 'config/healthslm_15m.py'  # model shape: the file's GPTConfig keys (its training keys are ignored)
+batch_size = 8          # training batch rows
+seq_len = 256           # training batch columns; also the model's block_size, so MFU counts attention over it
+warmup = 2              # untimed steps first (a compiled model compiles in the first)
+reps = 5                # timed repetitions, median reported
+compile = True          # also torch.compile: training steps and a decode step
+bf16 = True             # also bf16 autocast training steps
+bf16_reps = 2           # ... timed this many times: on CPUs without bf16 units they are slow
+train = True            # the sections to run
+generate = True
+data = True
+prompt_len = 64         # generation: greedy, batch 1
+new_tokens = 128
+data_tokenizer = 'bpe'  # prepare.py --tokenizer for the data section ('bpe' trains an 8192-token BPE first)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+threads = 0             # torch.set_num_threads; 0 keeps torch's default (one per core)
+seed = 1337
+out = 'bench.json'
+globals().update(dict.fromkeys(f.name for f in fields(GPTConfig)))  # --n_layer=4 etc. override config_file
+# -----------------------------------------------------------------------------
+configure(globals())
+
+if threads:
+    torch.set_num_threads(threads)
+torch.manual_seed(seed)
+cuda = device.startswith('cuda')
+model_keys = [f.name for f in fields(GPTConfig)]
+shape = {k: v for k, v in runpy.run_path(config_file).items() if k in model_keys}
+shape.update({k: globals()[k] for k in model_keys if globals()[k] is not None}, block_size=seq_len)
+if prompt_len + new_tokens > seq_len:
+    sys.exit(f'error: prompt_len + new_tokens ({prompt_len + new_tokens}) must fit in seq_len ({seq_len})')
+model = GPT(GPTConfig(**shape)).to(device)  # pristine weights: every side below starts from a copy
+cfg = model.config
+if (cfg.norm, cfg.pos_embedding, cfg.mlp, cfg.bias) != ('rmsnorm', 'rope', 'swiglu', False):
+    sys.exit('error: the transformers side is LlamaForCausalLM: needs norm=rmsnorm, rope, swiglu, bias=False')
+
+
+def llama(model):
+    """LlamaForCausalLM holding a copy of model's weights: wqkv and w1 are only split (RoPE is rotate_half in
+    both). As export.py's llama(), which runs as a script and cannot be imported."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attn_implementation='sdpa',
+        bos_token_id=None, eos_token_id=None, pad_token_id=None))  # no EOS: generate runs the full length
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    sd = {'model.embed_tokens.weight': model.tok_embeddings.weight, 'model.norm.weight': model.norm.weight,
+          'lm_head.weight': model.output.weight}
+    for i, layer in enumerate(model.layers):
+        p, attn, ffn = f'model.layers.{i}.', layer.attention, layer.feed_forward
+        sd.update(zip([p + f'self_attn.{n}_proj.weight' for n in 'qkv'], attn.wqkv.weight.split([q, kv, kv])))
+        sd.update(zip([p + f'mlp.{n}_proj.weight' for n in ('gate', 'up')], ffn.w1.weight.chunk(2)))
+        sd.update({p + 'self_attn.o_proj.weight': attn.wo.weight, p + 'mlp.down_proj.weight': ffn.w2.weight,
+                   p + 'input_layernorm.weight': layer.attention_norm.weight,
+                   p + 'post_attention_layernorm.weight': layer.ffn_norm.weight})
+    hf.load_state_dict(sd)
+    assert sum(p.numel() for p in hf.parameters()) == model.get_num_params(), 'the head is not tied alike'
+    return hf.to(device)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    """Starts a new peak-memory window; returns the bytes held now."""
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    if os.path.exists('/proc/self/clear_refs'):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed memory resident; the next item would reuse it unseen
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets the resident high-water mark that getrusage reports to the current size
+    return peak_memory()
+
+
+def peak_memory():
+    if cuda:
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+
+
+def warm(fn, n):
+    """Runs fn n times untimed (compiling, allocating optimizer state); returns the MB it added at peak."""
+    base = reset_peak()
+    for _ in range(max(n, 1)):
+        fn()
+    sync()
+    return round((peak_memory() - base) / 2**20)
+
+
+def interleaved(fns, n):
+    """Median seconds of each fn over n rounds; a round runs every fn once, so drift hits all alike."""
+    times = {k: [] for k in fns}
+    for _ in range(n):
+        for k, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_flops(dtype, n=4096 if cuda else 2048):
+    """Best FLOP/s of an n x n matmul in dtype: the roof MFU is measured against."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    warm(lambda: a @ b, 1)
+    return 2 * n**3 / min(interleaved({i: lambda: a @ b for i in range(5)}, 1).values())
+
+
+rows = []
+def row(item, ours, theirs=None, mfu=(None, None), mb=(None, None)):
+    rows.append(dict(item=item, ours=ours, theirs=theirs, ratio=theirs and ours / theirs, mfu_ours=mfu[0],
+                     mfu_theirs=mfu[1], mb_ours=mb[0], mb_theirs=mb[1]))
+
+
+peaks, notes, tokens = {}, [], batch_size * seq_len
+if train:
+    x, y = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), device=device)
+    with torch.no_grad():
+        loss = model(x, y)[1].item(), llama(model)(input_ids=x, labels=y, shift_labels=y).loss.item()
+    assert abs(loss[0] - loss[1]) < 1e-4, f'losses differ: {loss[0]} (ours) {loss[1]} (theirs): bad weight map'
+    notes.append(f'same weights and batch: initial loss {loss[0]:.5f} (medslm), {loss[1]:.5f} (transformers)')
+
+    def train_step(hf, dtype, compiled):
+        m = llama(model) if hf else copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda) if hf else \
+            m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device)
+        m = torch.compile(m) if compiled else m
+        ctx = nullcontext() if dtype == 'float32' else torch.autocast(device, dtype=getattr(torch, dtype))
+
+        def step():
+            with ctx:
+                loss = m(input_ids=x, labels=y, shift_labels=y).loss if hf else m(x, y)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    modes = ['eager'] + ['compiled'] * compile
+    for dtype, n in [('float32', reps)] + [('bfloat16', bf16_reps)] * bf16:  # transformers in float32 only
+        peaks[dtype] = peak_flops(getattr(torch, dtype))
+        sides = [(mode, hf) for mode in modes for hf in [False] + [True] * (dtype == 'float32')]
+        fns = {s: train_step(s[1], dtype, s[0] == 'compiled') for s in sides}
+        mb = {s: warm(fns[s], warmup) for s in sides}  # one at a time, for clean memory peaks
+        dt = interleaved(fns, n)
+        for mode in modes:
+            ours, theirs = (mode, False), (mode, True)
+            row(f'train {mode} {dtype}', tokens / dt[ours], tokens / dt[theirs] if theirs in dt else None,
+                [model.estimate_mfu(tokens, dt[s], peaks[dtype]) if s in dt else None for s in (ours, theirs)],
+                [mb.get(s) for s in (ours, theirs)])
+        del fns
+
+if generate:
+    ours, compiled, hf = copy.deepcopy(model).eval(), copy.deepcopy(model).eval(), llama(model).eval()
+    compiled.forward = torch.compile(compiled.forward, dynamic=True)  # as sample.py --compile: stream() calls it
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+
+    def no_cache():
+        seq = prompt
+        for _ in range(new_tokens):
+            seq = torch.cat([seq, ours(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        return seq
+    fns = {'eager': lambda: ours.generate(prompt, new_tokens, temperature=0),
+           'compiled': lambda: compiled.generate(prompt, new_tokens, temperature=0),
+           'theirs': lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                         max_new_tokens=new_tokens)}
+    if not compile:
+        del fns['compiled']
+    with torch.no_grad():
+        same = all(torch.equal(fn(), fns['theirs']()) for fn in fns.values())
+        notes.append(f"greedy tokens of medslm and transformers {'identical' if same else 'DIFFER'}")
+        mb = {k: warm(fn, warmup) for k, fn in fns.items()}
+        tps = {k: new_tokens / t for k, t in interleaved(fns, reps).items()}
+        for k in ('eager', 'compiled')[:len(fns) - 1]:
+            row(f'generate {k}, KV cache', tps[k], tps['theirs'], mb=(mb[k], mb['theirs']))
+        mb = warm(no_cache, 0)
+        row('generate eager, no cache', new_tokens / interleaved({0: no_cache}, 1)[0], mb=(mb, None))
+    del ours, compiled, hf
+
+if data:
+    # prepare.py end to end on the embedded corpus less its largest file. It times the bare tokenizer's batch encode
+    # on the very batches it encodes, so both rates share the machine's load. A subprocess: its workers import
+    # __main__, which must not be this script
+    files = sorted(prepare.embedded_corpus(), key=os.path.getsize)[:-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, 'prepare.py', *files, '--tokenizer', data_tokenizer, '--vocab_size', '8192',
+                            '--out', tmp], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f'error: prepare.py failed:\n{r.stderr[-3000:]}')
+        with open(os.path.join(tmp, 'meta.json')) as f:
+            rates = json.load(f)['tokens_per_s']
+    mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) // 2**20
+    row(f'data {data_tokenizer}, end to end', rates['end_to_end'], rates['bare_batch_encode'], mb=(mb, None))
+
+env = dict(torch=torch.__version__, transformers=__import__('transformers').__version__, device=device,
+           threads=torch.get_num_threads(), params=model.get_num_params(), shape=shape, batch=[batch_size, seq_len],
+           generate=[prompt_len, new_tokens], peak_flops=peaks)
+print(f"medslm vs transformers {env['transformers']}, torch {env['torch']}, {device}, {env['threads']} threads. "
+      f"{cfg.n_layer} layers, dim {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, FFN {cfg.intermediate_size}, "
+      f"vocab {cfg.vocab_size}{', tied' if cfg.tie_embeddings else ''}: {env['params'] / 1e6:.2f}M parameters. "
+      f"Training batch {batch_size} x {seq_len}; generation {prompt_len} + {new_tokens} tokens, batch 1, greedy. "
+      f"MFU against the peak matmul: " + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items()))
+cell = lambda v, f: '-' if v is None else format(v, f)
+print(f"\n{'tokens/s':28} {'medslm':>9} {'transformers':>12} {'ratio':>6} {'MFU':>13} {'peak MB':>11}")
+for r in rows:
+    print(f"{r['item']:28} {cell(r['ours'], ',.0f'):>9} {cell(r['theirs'], ',.0f'):>12} {cell(r['ratio'], '.2f'):>6} "
+          f"{cell(r['mfu_ours'], '.1%'):>6} {cell(r['mfu_theirs'], '.1%'):>6} {cell(r['mb_ours'], 'd'):>5} "
+          f"{cell(r['mb_theirs'], 'd'):>5}")
+print('\n' + '\n'.join(notes))
+with open(out, 'w') as f:
+    json.dump(dict(env, rows=rows, notes=notes), f, indent=2)

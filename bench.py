@@ -3,14 +3,15 @@ Speed of medslm against Hugging Face transformers, in one run on one machine: th
 and data preparation, each with its peak memory. Prints one table and writes it as JSON.
 
     python bench.py                                  # everything; compile and bf16 take a while on a CPU
-    python bench.py --compile=False --bf16=False     # the quick run, 2-3 minutes on 2 cores
+    python bench.py --compile=False --bf16=False     # the quick run: 2-3 minutes on 2 idle cores
     python bench.py --config_file=config/tiny_cpu.py --batch_size=16 --n_layer=2
 
 Both sides get the same shape, weights and batch: ours is copied into LlamaForCausalLM (attn_implementation
 'sdpa'), and the two losses are checked equal first. Timings are medians over repetitions after warm-up, with
 ours and theirs interleaved rep by rep so that the drift of a shared machine hits both alike: quote the
-ratios. MFU is against the peak FLOP/s of large matmuls in the same dtype, measured here. Peak memory is
-what an item adds to the process while it runs (CUDA: allocated; CPU: resident set, Linux).
+ratios. MFU is against the peak FLOP/s of large matmuls in the same dtype, measured here. Peak memory is what
+an item adds to the process while it runs (CUDA: allocated; CPU: resident set, Linux). On a shared CPU other
+processes make multi-threaded ops wait for a descheduled thread: --threads=1 gives steadier numbers there.
 """
 import copy
 import ctypes
@@ -19,8 +20,8 @@ import json
 import os
 import resource
 import runpy
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +41,8 @@ seq_len = 256           # training batch columns; also the model's block_size, s
 warmup = 2              # untimed steps first (a compiled model compiles in the first)
 reps = 5                # timed repetitions, median reported
 compile = True          # also torch.compile: training steps and a decode step
-bf16 = True             # also bf16 autocast training steps
-bf16_reps = 2           # ... timed this many times: on CPUs without bf16 units they are slow
+bf16 = True             # also bf16 autocast training steps (CPUs with AVX512-BF16 or AMX run them faster)
+bf16_reps = 3           # ... timed this many times: on CPUs without bf16 units they are slow
 train = True            # the sections to run
 generate = True
 data = True
@@ -60,6 +61,8 @@ if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
 cuda = device.startswith('cuda')
+device_type = 'cuda' if cuda else 'cpu'
+load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
 model_keys = [f.name for f in fields(GPTConfig)]
 shape = {k: v for k, v in runpy.run_path(config_file).items() if k in model_keys}
 shape.update({k: globals()[k] for k in model_keys if globals()[k] is not None}, block_size=seq_len)
@@ -102,19 +105,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def reset_peak():
-    """Starts a new peak-memory window; returns the bytes held now."""
-    gc.collect()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    if os.path.exists('/proc/self/clear_refs'):
-        ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed memory resident; the next item would reuse it unseen
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # resets the resident high-water mark that getrusage reports to the current size
-    return peak_memory()
-
-
 def peak_memory():
     if cuda:
         return torch.cuda.max_memory_allocated()
@@ -123,7 +113,14 @@ def peak_memory():
 
 def warm(fn, n):
     """Runs fn n times untimed (compiling, allocating optimizer state); returns the MB it added at peak."""
-    base = reset_peak()
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists('/proc/self/clear_refs'):
+        getattr(ctypes.CDLL(None), 'malloc_trim', lambda _: 0)(0)  # glibc keeps freed memory resident: the
+        with open('/proc/self/clear_refs', 'w') as f:                 # next item would reuse it unseen
+            f.write('5')  # resets the resident high-water mark that getrusage reports to the current size
+    base = torch.cuda.memory_allocated() if cuda else peak_memory()
     for _ in range(max(n, 1)):
         fn()
     sync()
@@ -167,9 +164,9 @@ if train:
     def train_step(hf, dtype, compiled):
         m = llama(model) if hf else copy.deepcopy(model)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda) if hf else \
-            m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device)
+            m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
         m = torch.compile(m) if compiled else m
-        ctx = nullcontext() if dtype == 'float32' else torch.autocast(device, dtype=getattr(torch, dtype))
+        ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
         def step():
             with ctx:
@@ -180,45 +177,43 @@ if train:
         return step
 
     modes = ['eager'] + ['compiled'] * compile
-    for dtype, n in [('float32', reps)] + [('bfloat16', bf16_reps)] * bf16:  # transformers in float32 only
+    for dtype, n in [('float32', reps)] + [('bfloat16', bf16_reps)] * bf16:
         peaks[dtype] = peak_flops(getattr(torch, dtype))
-        sides = [(mode, hf) for mode in modes for hf in [False] + [True] * (dtype == 'float32')]
-        fns = {s: train_step(s[1], dtype, s[0] == 'compiled') for s in sides}
-        mb = {s: warm(fns[s], warmup) for s in sides}  # one at a time, for clean memory peaks
+        fns = {(mode, hf): train_step(hf, dtype, mode == 'compiled') for mode in modes for hf in (False, True)}
+        mb = {k: warm(fn, warmup) for k, fn in fns.items()}  # one at a time, for clean memory peaks
         dt = interleaved(fns, n)
         for mode in modes:
             ours, theirs = (mode, False), (mode, True)
-            row(f'train {mode} {dtype}', tokens / dt[ours], tokens / dt[theirs] if theirs in dt else None,
-                [model.estimate_mfu(tokens, dt[s], peaks[dtype]) if s in dt else None for s in (ours, theirs)],
-                [mb.get(s) for s in (ours, theirs)])
+            row(f'train {mode} {dtype}', tokens / dt[ours], tokens / dt[theirs],
+                [model.estimate_mfu(tokens, dt[k], peaks[dtype]) for k in (ours, theirs)], (mb[ours], mb[theirs]))
         del fns
 
 if generate:
-    ours, compiled, hf = copy.deepcopy(model).eval(), copy.deepcopy(model).eval(), llama(model).eval()
-    compiled.forward = torch.compile(compiled.forward, dynamic=True)  # as sample.py --compile: stream() calls it
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+    ours, hf = copy.deepcopy(model).eval(), llama(model).eval()
+    fns = {'eager': lambda: ours.generate(prompt, new_tokens, temperature=0)}
+    if compile:
+        compiled = copy.deepcopy(model).eval()
+        compiled.forward = torch.compile(compiled.forward, dynamic=True)  # as sample.py: stream() calls forward
+        fns['compiled'] = lambda: compiled.generate(prompt, new_tokens, temperature=0)
+    fns['theirs'] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                        max_new_tokens=new_tokens)
 
     def no_cache():
         seq = prompt
         for _ in range(new_tokens):
             seq = torch.cat([seq, ours(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
         return seq
-    fns = {'eager': lambda: ours.generate(prompt, new_tokens, temperature=0),
-           'compiled': lambda: compiled.generate(prompt, new_tokens, temperature=0),
-           'theirs': lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                         max_new_tokens=new_tokens)}
-    if not compile:
-        del fns['compiled']
     with torch.no_grad():
         same = all(torch.equal(fn(), fns['theirs']()) for fn in fns.values())
         notes.append(f"greedy tokens of medslm and transformers {'identical' if same else 'DIFFER'}")
         mb = {k: warm(fn, warmup) for k, fn in fns.items()}
-        tps = {k: new_tokens / t for k, t in interleaved(fns, reps).items()}
-        for k in ('eager', 'compiled')[:len(fns) - 1]:
-            row(f'generate {k}, KV cache', tps[k], tps['theirs'], mb=(mb[k], mb['theirs']))
-        mb = warm(no_cache, 0)
+        dt = interleaved(fns, reps)
+        for k in list(fns)[:-1]:
+            row(f'generate {k}, KV cache', new_tokens / dt[k], new_tokens / dt['theirs'], mb=(mb[k], mb['theirs']))
+        mb = warm(no_cache, 0)  # once: it is slow
         row('generate eager, no cache', new_tokens / interleaved({0: no_cache}, 1)[0], mb=(mb, None))
-    del ours, compiled, hf
+    del fns
 
 if data:
     # prepare.py end to end on the embedded corpus less its largest file. It times the bare tokenizer's batch encode
@@ -226,8 +221,9 @@ if data:
     # __main__, which must not be this script
     files = sorted(prepare.embedded_corpus(), key=os.path.getsize)[:-1]
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, 'prepare.py', *files, '--tokenizer', data_tokenizer, '--vocab_size', '8192',
-                            '--out', tmp], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), *files,
+                            '--tokenizer', data_tokenizer, '--vocab_size', '8192', '--out', tmp],
+                           capture_output=True, text=True)
         if r.returncode:
             sys.exit(f'error: prepare.py failed:\n{r.stderr[-3000:]}')
         with open(os.path.join(tmp, 'meta.json')) as f:
@@ -236,13 +232,14 @@ if data:
     row(f'data {data_tokenizer}, end to end', rates['end_to_end'], rates['bare_batch_encode'], mb=(mb, None))
 
 env = dict(torch=torch.__version__, transformers=__import__('transformers').__version__, device=device,
-           threads=torch.get_num_threads(), params=model.get_num_params(), shape=shape, batch=[batch_size, seq_len],
-           generate=[prompt_len, new_tokens], peak_flops=peaks)
-print(f"medslm vs transformers {env['transformers']}, torch {env['torch']}, {device}, {env['threads']} threads. "
-      f"{cfg.n_layer} layers, dim {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, FFN {cfg.intermediate_size}, "
-      f"vocab {cfg.vocab_size}{', tied' if cfg.tie_embeddings else ''}: {env['params'] / 1e6:.2f}M parameters. "
-      f"Training batch {batch_size} x {seq_len}; generation {prompt_len} + {new_tokens} tokens, batch 1, greedy. "
-      f"MFU against the peak matmul: " + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items()))
+           threads=torch.get_num_threads(), load_average=load, params=model.get_num_params(), shape=shape,
+           batch=[batch_size, seq_len], generate=[prompt_len, new_tokens], peak_flops=peaks)
+print(f"medslm vs transformers {env['transformers']} (torch {env['torch']}) on {device}, {env['threads']} threads"
+      + (f", load average {load:.1f} at the start" if load is not None else '') + '\n'
+      + f"{cfg.n_layer} layers, dim {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, FFN {cfg.intermediate_size}, "
+      f"vocab {cfg.vocab_size}{', tied' if cfg.tie_embeddings else ''}: {env['params'] / 1e6:.2f}M parameters; "
+      f"training batch {batch_size} x {seq_len}; generation {prompt_len} + {new_tokens} tokens, batch 1, greedy\n"
+      + 'MFU against the peak matmul: ' + (', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items()) or '-'))
 cell = lambda v, f: '-' if v is None else format(v, f)
 print(f"\n{'tokens/s':28} {'medslm':>9} {'transformers':>12} {'ratio':>6} {'MFU':>13} {'peak MB':>11}")
 for r in rows:

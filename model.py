@@ -203,7 +203,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 def cross_entropy_loss(h, weight, targets, chunk_rows=None):
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        if chunk_rows is None:  # CPU: ~16 MB of fp32 logits per chunk, 1.5x faster steps than 2048 rows (bench.py)
+        if chunk_rows is None:  # on CPU ~16 MB of logits a chunk: as fast as 2048 rows, and -390 MB at 8 x 256 x 32K
             chunk_rows = 2048 if h.is_cuda else max(1, 2**22 // weight.size(0))
         return FusedLinearCrossEntropy.apply(h, weight, targets, chunk_rows)
     return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)  # eval: no gradients needed

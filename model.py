@@ -224,7 +224,6 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer('rope', rope_cache(config.block_size, config.head_dim, config.rope_theta),
                              persistent=False)
-        self.head_t = None  # the head laid out for decoding, while caches are set up (setup_caches)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith('wo.weight') or name.endswith('w2.weight'):  # GPT-2: residual writes scaled by depth
@@ -265,8 +264,6 @@ class GPT(nn.Module):
         Without: (logits of the last position (B, 1, vocab) in fp32, None)."""
         h = self.hidden(idx, pos)
         if targets is None:
-            if self.head_t is not None:  # decoding
-                return (h[:, [-1], :] @ self.head_t).float(), None
             return self.output(h[:, [-1], :]).float(), None
         return None, cross_entropy_loss(h, self.output.weight, targets)
 
@@ -298,16 +295,21 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     def setup_caches(self, batch_size, max_len):
-        # and the head as (n_embd, vocab): a one-row matmul over contiguous columns runs 2x faster on CPU than
-        # over nn.Linear's (vocab, n_embd) rows, and the head is the largest matmul of a decoding step
-        self.head_t = self.output.weight.t().contiguous()
+        # Decoding multiplies one row by every weight matrix, reading all of them once per token. Stored
+        # column-major (same shape and values, the transpose contiguous) those reads run in memory order: on
+        # CPU the head's matmul is 3x faster and a whole decoding step ~1.2x (eager) to 1.6x (compiled).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
         dtype = self.output.weight.dtype
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head,
                                                self.config.head_dim, dtype).to(self.output.weight.device)
 
     def clear_caches(self):
-        self.head_t = None
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # back to row-major, the layout training's matmuls expect
+                module.weight.data = module.weight.data.contiguous()
         for layer in self.layers:
             layer.attention.kv_cache = None
 

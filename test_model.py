@@ -68,8 +68,12 @@ def test_changing_a_future_token_never_changes_earlier_logits(kwargs):
 @pytest.mark.parametrize('kwargs', [MODERN, CLASSIC], ids=['modern', 'classic'])
 def test_kv_cache_decoding_equals_full_forward(kwargs):
     model = tiny(**kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     prompt = torch.randint(0, 97, (2, 7))
     out = model.generate(prompt, 30, temperature=0)
+    # decoding lays the weights out column-major; afterwards they are back, unchanged, as training expects
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     seq = prompt
     for _ in range(30):  # greedy decoding without a cache: the whole sequence every step
         seq = torch.cat([seq, full_logits(model, seq)[:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -252,6 +252,29 @@ def test_bf16_autocast_runs_on_cpu(data_dir, tmp_path):
     assert ckpt['config']['dtype'] == 'bfloat16'
 
 
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def test_auto_dtype_picks_bf16_only_where_its_matmuls_are_faster(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'auto')
+    result = train(out_dir, data_dir, *MICRO, '--dtype=auto', '--max_iters=2', '--lr_decay_iters=2', '--eval_iters=1')
+    chosen = 'bfloat16' if 'bfloat16 on cpu' in result.stdout else 'float32' if 'float32 on cpu' in result.stdout else None
+    assert chosen, result.stdout
+    seconds = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(1024, 1024).to(dt)
+        a @ a
+        seconds[dt] = min(timed(lambda: a @ a) for _ in range(5))
+    ratio = seconds[torch.bfloat16] / seconds[torch.float32]
+    print(f'bf16 / fp32 matmul time here: {ratio:.2f}, train.py chose {chosen}')
+    # decisive either way (bf16 units: ~0.5; none: up to ~30), so train.py's quicker check must agree
+    if ratio > 1.5 or ratio < 1 / 1.5:
+        assert chosen == ('float32' if ratio > 1 else 'bfloat16')
+
+
 def test_compile_runs_on_cpu(data_dir, tmp_path):
     out_dir = str(tmp_path / 'compiled')
     result = train(out_dir, data_dir, *MICRO, '--compile=True', '--gradient_accumulation_steps=1',

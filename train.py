@@ -73,8 +73,7 @@ lr_decay_iters = 600000     # ~max_iters, per Chinchilla
 min_lr = 6e-5               # ~learning_rate/10, per Chinchilla
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps'
-# bf16 where the GPU has it (fp16 + gradient scaler on older GPUs); float32 on CPU, where bf16 autocast runs ~30x slower
-dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+dtype = 'auto'              # 'float32' | 'bfloat16' | 'float16' autocast | 'auto' (see resolve_dtype)
 compile = torch.cuda.is_available()  # torch.compile; on CPU its minute of compile time rarely pays off
 seed = 1337
 peak_flops = 312e12         # per device, the denominator of MFU (A100 bf16)
@@ -149,8 +148,29 @@ torch.manual_seed(seed + ddp_rank)
 device_type = device.split(':')[0]
 if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls
+
+
+def resolve_dtype():
+    """bf16 on GPUs that have it, else fp16 (+ gradient scaler); on CPU, bf16 only if its matmuls measure faster
+    than float32's here: chips with AMX or AVX512-BF16 run it faster, chips without bf16 units ~30x slower."""
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if device_type != 'cpu':
+        return 'float32'
+    a = {dt: torch.randn(512, 512).to(dt) for dt in (torch.float32, torch.bfloat16)}
+    seconds = {dt: [] for dt in a}
+    for _ in range(5):  # interleaved, best of 5: a busy machine slows both alike
+        for dt, m in a.items():
+            t = time.perf_counter()
+            m @ m
+            seconds[dt].append(time.perf_counter() - t)
+    return 'bfloat16' if min(seconds[torch.bfloat16]) < min(seconds[torch.float32]) else 'float32'
+
+
+if dtype == 'auto':
+    dtype = resolve_dtype()
 if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"error: dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    raise SystemExit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 ptdtype = getattr(torch, dtype)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
@@ -362,7 +382,8 @@ if master_process:
     if init_from != 'resume':
         open(os.path.join(out_dir, 'log.jsonl'), 'w').close()
     print(f'{raw_model.get_num_params():,} parameters, {tokens_per_iter:,} tokens per iteration '
-          f'({ddp_world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size} x {block_size})')
+          f'({ddp_world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size} x {block_size}), '
+          f'{dtype} on {device}')
 
 # training loop
 pending = []  # (iter, loss on the device, lr, elapsed_s) of the steps not yet logged

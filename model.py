@@ -1,7 +1,7 @@
 """
 The whole medslm decoder in one file.
 
-Modern block (the default): RMSNorm computed in fp32, rotary position embeddings, SwiGLU feed-forward,
+Modern block (the default): RMSNorm, rotary position embeddings, SwiGLU feed-forward,
 grouped-query attention through F.scaled_dot_product_attention, no biases, optional tied embeddings.
 Classic GPT-2 block through config switches: LayerNorm, learned absolute positions, GELU MLP, full
 multi-head attention, biases, tied head. Plus a KV cache for incremental decoding, generation with
@@ -60,22 +60,9 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # in fp32: the mean of squares overflows or loses precision in half types
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
-
-
 def make_norm(config):
-    if config.norm == 'rmsnorm':
-        return RMSNorm(config.n_embd, config.norm_eps)
+    if config.norm == 'rmsnorm':  # torch's fused kernel: one op, and it accumulates half types in fp32
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 

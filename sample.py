@@ -27,7 +27,7 @@ top_k = 200             # sample only from the k most likely tokens; None keeps 
 top_p = 1.0             # then only from the fewest tokens whose probability reaches top_p; 1.0 keeps all
 seed = 1337
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast); bfloat16 is slow on most CPUs
+dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast); CPU decoding is slower in bf16, even with bf16 units
 compile = False         # torch.compile the forward pass; pays off on GPU for long generations
 kv_cache = True         # False recomputes the whole sequence for every token (shows what the cache saves)
 # -----------------------------------------------------------------------------

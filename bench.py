@@ -57,6 +57,8 @@ out = 'bench.json'
 globals().update(dict.fromkeys(f.name for f in fields(GPTConfig)))  # --n_layer=4 etc. override config_file
 # -----------------------------------------------------------------------------
 configure(globals())
+if bf16 not in ('auto', 'force', 'off'):
+    sys.exit(f"error: --bf16 must be 'auto', 'force' or 'off', got {bf16!r}")
 
 if threads:
     torch.set_num_threads(threads)
@@ -217,6 +219,12 @@ if generate:
         dt = interleaved(fns, reps)
         for k in list(fns)[:-1]:
             row(f'generate {k}, KV cache', new_tokens / dt[k], new_tokens / dt['theirs'], mb=(mb[k], mb['theirs']))
+        # at batch 1 every token reads every weight once: past the per-op overheads, memory bandwidth is the roof
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        best = min(dt[k] for k in list(fns)[:-1])
+        notes.append(f'decoding reads {weight_bytes / 2**20:.0f} MB of weights per token: our fastest streams '
+                     f'{weight_bytes * new_tokens / best / 1e9:.1f} GB/s, transformers '
+                     f"{weight_bytes * new_tokens / dt['theirs'] / 1e9:.1f} GB/s")
         mb = warm(no_cache, 0)  # once: it is slow
         row('generate eager, no cache', new_tokens / interleaved({0: no_cache}, 1)[0], mb=(mb, None))
     del fns

@@ -234,15 +234,18 @@ if data:
     # on the very batches it encodes, so both rates share the machine's load. A subprocess: its workers import
     # __main__, which must not be this script
     files = sorted(prepare.embedded_corpus(), key=os.path.getsize)[:-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), *files,
-                            '--tokenizer', data_tokenizer, '--vocab_size', '8192', '--out', tmp],
-                           capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(f'error: prepare.py failed:\n{r.stderr[-3000:]}')
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile('w+') as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), *files,
+                                 '--tokenizer', data_tokenizer, '--vocab_size', '8192', '--out', tmp],
+                                stdout=log, stderr=subprocess.STDOUT)
+        # wait4: this child's peak (and its workers'), not that of the largest child so far (compile workers)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            log.seek(0)
+            sys.exit(f'error: prepare.py failed:\n{log.read()[-3000:]}')
         with open(os.path.join(tmp, 'meta.json')) as f:
             rates = json.load(f)['tokens_per_s']
-    mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) // 2**20
+    mb = usage.ru_maxrss * (1 if sys.platform == 'darwin' else 1024) // 2**20
     row(f'data {data_tokenizer}, end to end', rates['end_to_end'], rates['bare_batch_encode'], mb=(mb, None))
 
 env = dict(torch=torch.__version__, transformers=__import__('transformers').__version__, device=device,

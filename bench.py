@@ -184,8 +184,8 @@ if train:
         peaks[dtype] = peak_flops(getattr(torch, dtype))
         if dtype == 'bfloat16' and peaks[dtype] < peaks['float32'] and bf16 != 'force':
             notes.append(f"bf16 matmuls peak at {peaks[dtype] / 1e9:.0f} GFLOP/s here, float32 at "
-                         f"{peaks['float32'] / 1e9:.0f}: bf16 autocast would be slower (train.py's auto dtype does "
-                         "not use it), so its rows are skipped; --bf16=force runs them")
+                         f"{peaks['float32'] / 1e9:.0f}: bf16 autocast would be slower, so its rows are skipped; "
+                         "--bf16=force runs them")
             continue
         fns = {(mode, hf): train_step(hf, dtype, mode == 'compiled') for mode in modes for hf in (False, True)}
         mb = {k: warm(fn, warmup) for k, fn in fns.items()}  # one at a time, for clean memory peaks

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import load_model
+from model import load_checkpoint, load_model
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def trained_on():
     # the data folder named by the checkpoint, or by the training_config.json an export carries
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if os.path.exists(ckpt_path):
-        return torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
+        return load_checkpoint(ckpt_path, mmap=True)['data_dir']
     if os.path.exists(os.path.join(out_dir, 'training_config.json')):
         with open(os.path.join(out_dir, 'training_config.json')) as f:
             return json.load(f).get('data_dir')

@@ -22,7 +22,7 @@ from safetensors.torch import save_file, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
-from model import load_model, tokenizer_folder
+from model import load_checkpoint, load_model, tokenizer_folder
 from prepare import gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -163,7 +163,7 @@ try:
         if os.path.exists(os.path.join(out_dir, 'training_config.json')):
             shutil.copy(os.path.join(out_dir, 'training_config.json'), tmp)
         elif os.path.exists(ckpt_path):
-            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
+            ckpt = load_checkpoint(ckpt_path, mmap=True)
             training = {k: ckpt.get(k) for k in ('config', 'iter_num', 'data_dir')}  # as train.py's export
             with open(os.path.join(tmp, 'training_config.json'), 'w') as f:
                 json.dump(training, f, indent=2)

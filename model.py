@@ -402,24 +402,47 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 
 def load_model(path, device='cpu'):
-    """A GPT from an exported folder (config.json + model.safetensors) or a training out_dir (ckpt.pt)."""
+    """A GPT from an exported folder (config.json + model.safetensors) or a training out_dir (ckpt.pt).
+    A missing, truncated or foreign file is a SystemExit naming it: a one-line error for every script."""
     if os.path.exists(os.path.join(path, 'model.safetensors')):
         from safetensors.torch import load_model as load_safetensors
-        with open(os.path.join(path, 'config.json')) as f:
-            model_args = json.load(f)
+        file = os.path.join(path, 'model.safetensors')
+        try:
+            with open(os.path.join(path, 'config.json')) as f:
+                model_args = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'error: cannot read {path}/config.json: {e}')
         if 'n_layer' not in model_args:
-            raise ValueError(f'{path}/config.json is not a medslm model config (a Hugging Face export? '
+            raise SystemExit(f'error: {path}/config.json is not a medslm model config (a Hugging Face export? '
                              'load that with transformers)')
         model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in {f.name for f in fields(GPTConfig)}}))
-        load_safetensors(model, os.path.join(path, 'model.safetensors'), device=str(device))
+        try:  # load_model, unlike load_file, restores tied weights
+            load_safetensors(model, file, device=str(device))
+        except (OSError, ValueError, RuntimeError) as e:  # SafetensorError subclasses one of these
+            raise SystemExit(f'error: cannot read {file}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
         return model.to(device)
     ckpt_path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f'{path} holds neither model.safetensors nor ckpt.pt')
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        raise SystemExit(f'error: {path} holds neither model.safetensors nor ckpt.pt')
+    checkpoint = load_checkpoint(ckpt_path, device)
     model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:  # missing or unexpected keys, wrong shapes
+        raise SystemExit(f'error: {ckpt_path} does not fit its model_args: {" ".join(str(e).split())[:300]}')
     return model.to(device)
+
+
+def load_checkpoint(ckpt_path, device='cpu', mmap=False):
+    """torch.load of a training checkpoint, as data only; a truncated or foreign file is a one-line error."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True, mmap=mmap)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # pickle's UnpicklingError is a RuntimeError here
+        raise SystemExit(f'error: cannot read checkpoint {ckpt_path}: {type(e).__name__}: '
+                         f'{" ".join(str(e).split())[:200]}')
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= checkpoint.keys():
+        raise SystemExit(f'error: {ckpt_path} is not a medslm training checkpoint')
+    return checkpoint
 
 
 def tokenizer_folder(path):
@@ -430,7 +453,7 @@ def tokenizer_folder(path):
             return folder
     ckpt_path = os.path.join(path, 'ckpt.pt')
     if os.path.exists(ckpt_path):
-        data_dir = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['data_dir']
+        data_dir = load_checkpoint(ckpt_path, mmap=True)['data_dir']
         if os.path.exists(os.path.join(data_dir, 'meta.json')):
             return data_dir
     return None

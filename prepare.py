@@ -50,6 +50,9 @@ from tqdm import tqdm
 
 KINDS = {".xml": "xml", ".nxml": "xml", ".txt": "txt", ".jsonl": "jsonl"}
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # ids 0..3 in the bpe vocab
+# the chat template's turn markers (chat.py): ids 4..7 of a bpe vocab, reserved before any instruction tuning;
+# GPT-2's 50,257 ids have no room for them, so they take ids 50257..50260 there (see load_tokenizer)
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # PMC elements whose text is not prose a reader follows: tables, figures, formulas (images or TeX source),
 # supplements, the reference list. Their tails (the text after them) still count.
@@ -274,15 +277,16 @@ def gpt2_encoding(ranks_path=None):
                      "pip install --no-deps openai-whisper, or pass --gpt2_ranks PATH/gpt2.tiktoken")
     if not os.path.isfile(ranks_path):
         sys.exit(f"prepare.py: error: {ranks_path}: no such GPT-2 ranks file (pip install --no-deps openai-whisper has one)")
+    specials = {"<|endoftext|>": 50256, **{t: 50257 + i for i, t in enumerate(CHAT_TOKENS)}}
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(ranks_path),
-                             special_tokens={"<|endoftext|>": 50256})
+                             special_tokens=specials)
 
 def train_bpe(texts, vocab_size):
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     # ByteLevel both ways and no normalizer: decode(encode(text)) == text for any text
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + CHAT_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.encode_special_tokens = True  # a literal "[EOS]" in a text is text, never the EOS id (not saved: see load_tokenizer)
@@ -290,7 +294,8 @@ def train_bpe(texts, vocab_size):
 
 def load_tokenizer(folder, gpt2_ranks=None):
     """The tokenizer of a prepared dataset: .encode(str) -> ids (no specials added), .decode(ids) -> str,
-    .eos_id, .vocab_size, .kind."""
+    .eos_id, .vocab_size (the data's ids), .kind, and .chat: the ids of CHAT_TOKENS by name (system, user,
+    assistant, end), or None for a bpe vocabulary trained before they were reserved."""
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     if meta["tokenizer"] == "bpe":
@@ -298,11 +303,14 @@ def load_tokenizer(folder, gpt2_ranks=None):
         tok.encode_special_tokens = True  # as in train_bpe: tokenizer.json does not keep it
         encode = lambda s: tok.encode(s, add_special_tokens=False).ids
         decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)
+        chat_ids = [tok.token_to_id(t) for t in CHAT_TOKENS]
     else:
         enc = gpt2_encoding(gpt2_ranks)
         encode, decode = enc.encode_ordinary, lambda ids: enc.decode(list(ids))
+        chat_ids = [enc._special_tokens.get(t) for t in CHAT_TOKENS]  # tiktoken's own download has none
+    chat = None if None in chat_ids else dict(zip(["system", "user", "assistant", "end"], chat_ids))
     return SimpleNamespace(kind=meta["tokenizer"], encode=encode, decode=decode, eos_id=meta["eos_id"],
-                           vocab_size=meta["vocab_size"])
+                           vocab_size=meta["vocab_size"], chat=chat)
 
 # -----------------------------------------------------------------------------
 
@@ -312,9 +320,10 @@ def main(argv=None):
     p.add_argument("--out", default="data/pubmed", help="output folder, replaced only by a complete new dataset")
     p.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe",
                    help="bpe: ByteLevel BPE trained on the train split; gpt2: tiktoken's GPT-2")
-    p.add_argument("--vocab_size", type=int, default=32000, help="bpe vocab size, the 4 special tokens included")
+    p.add_argument("--vocab_size", type=int, default=32000, help="bpe vocab size, the 8 special tokens included")
     p.add_argument("--val_frac", type=float, default=0.005, help="fraction of documents in val")
-    p.add_argument("--test_frac", type=float, default=0.005, help="fraction of documents in test")
+    p.add_argument("--test_frac", type=float, default=0.03,
+                   help="fraction of documents in test: every stage holds them out (tasks.py's test items come from them)")
     p.add_argument("--min_chars", type=int, default=200, help="drop documents shorter than this many characters")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="at most this many tokens per train shard")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parser processes and tokenizer threads")
@@ -327,8 +336,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (0 <= args.val_frac and 0 <= args.test_frac and args.val_frac + args.test_frac < 1):
         p.error("need val_frac >= 0, test_frac >= 0 and val_frac + test_frac < 1")
-    if args.vocab_size < 256 + len(SPECIALS) or args.shard_tokens < 1 or args.workers < 1:
-        p.error("need vocab_size >= 260, shard_tokens >= 1, workers >= 1")
+    if args.vocab_size < 256 + len(SPECIALS + CHAT_TOKENS) or args.shard_tokens < 1 or args.workers < 1:
+        p.error("need vocab_size >= 264, shard_tokens >= 1, workers >= 1")
     span = re.fullmatch(r"(\d+)(?:-(\d+))?", args.download or "0")
     if span is None:
         p.error("--download takes A-B, e.g. 1-10")
@@ -409,7 +418,7 @@ def main(argv=None):
             batch_encode = lambda ts: tok.encode_batch(ts, add_special_tokens=False)
             ids_of = lambda encodings: [e.ids for e in encodings]
         else:
-            vocab_size = enc.n_vocab
+            vocab_size = enc.eot_token + 1  # 50,257: the chat tokens after it are never in the data
             special_ids = {"pad_id": None, "unk_id": None, "bos_id": None, "eos_id": enc.eot_token}
             batch_encode = lambda ts: enc.encode_ordinary_batch(ts, num_threads=args.workers)
             ids_of = lambda ids: ids

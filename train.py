@@ -27,7 +27,7 @@ from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import GPT, GPTConfig, load_model
+from model import GPT, GPTConfig, load_checkpoint, load_model
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -123,7 +123,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if export_only:
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'error: {ckpt_path} not found: nothing to export')
-    export(torch.load(ckpt_path, map_location='cpu', weights_only=True))
+    export(load_checkpoint(ckpt_path))
     raise SystemExit(0)
 
 # DDP when launched by torchrun, which sets RANK
@@ -224,7 +224,7 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'error: {ckpt_path} not found: nothing to resume')
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    checkpoint = load_checkpoint(ckpt_path, device)
     model = GPT(GPTConfig(**checkpoint['model_args']))  # the checkpoint's shapes win over the config's
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['history']
@@ -440,4 +440,4 @@ while iter_num < max_iters:
 if ddp:
     dist.destroy_process_group()
 if master_process and not stopping and os.path.exists(ckpt_path):
-    export(torch.load(ckpt_path, map_location='cpu', weights_only=True))
+    export(load_checkpoint(ckpt_path))

@@ -2,6 +2,7 @@
 Overrides a script's settings, its commented module globals, from config files and --key=value arguments:
 
     python train.py config/tiny_cpu.py --batch_size=32 --compile=False
+    python sample.py --chat                  # a bare --flag sets a boolean to True
 
 A config file is plain Python assignments (config/*.py); later files and arguments win. Only keys the script
 already defines can be set, and a value must have the default's type (an int is fine where a float is
@@ -62,10 +63,12 @@ def configure(settings, argv=None):
                 settings[key] = _check(key, value, settings[key], arg)
             continue
         key, eq, raw = arg[2:].partition('=')
-        if not eq:
-            raise SystemExit(f'error: expected --key=value, got {arg!r}')
         if key not in keys:
             raise SystemExit(f'error: unknown key {key!r} (see --help)')
+        if not eq:  # a bare --flag sets a boolean to True
+            if not isinstance(settings[key], bool):
+                raise SystemExit(f'error: expected --{key}=value, got {arg!r}')
+            raw = 'True'
         if isinstance(settings[key], str):
             value = raw  # --device=cuda:1 or --start=123 stays a string
         else:

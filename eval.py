@@ -3,6 +3,7 @@ Held-out evaluation of a medslm model (a training out_dir or an exported folder)
 
     python eval.py --out_dir=out-tiny                        # test split: loss, perplexity, bits per byte
     python eval.py --out_dir=out-tiny --mcq=pubmedqa.jsonl   # multiple-choice accuracy
+    python eval.py --out_dir=out-sft-tiny --tasks=data/tasks/test.jsonl   # instruction tasks (tasks.py)
 
 The split is scored exactly: every token once, the first one given an EOS (every document follows one).
 Windows of block_size tokens end at block_size, block_size + stride, ... and the end of the split; each scores
@@ -15,10 +16,19 @@ letter or option text, "context": optional}: MedQA's files as published, PubMedQ
 MedMCQA (opa..opd, cop) converted to that shape. The prediction is the option whose
 tokens are most likely after "<context>\nQuestion: <question>\nAnswer:"; also with the log-likelihood divided
 by the option's length in characters (lm-evaluation-harness's acc_norm), which favours long options less.
+
+Instruction tasks are chat JSON lines (tasks.py writes them from held-out documents), rendered with the chat
+template (chat.py). An item with "options" and "answer" is multiple choice: each option scored as the assistant's
+reply (its tokens and <|end|>): accuracy of the likeliest option, and accuracy_norm with the log-likelihood per
+character (which favours long options less), beside chance and the majority-class rate. Any other item is generated greedily
+and scored against the reference by its "metric": "rougeL" (ROUGE-L F1 over lower-cased words), "set_f1" (F1
+of the "; "-separated terms) or "exact"; beside it, "chance": the score of another item's reference. Every
+score comes with its number of items and a 95% interval (Wilson for accuracies, normal for mean scores).
 """
 import json
 import math
 import os
+import re
 import sys
 from contextlib import nullcontext
 
@@ -28,7 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import load_checkpoint, load_model
+from chat import read_conversations, render, require_chat
+from model import load_checkpoint, load_model, tokenizer_folder
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -38,6 +49,9 @@ split = 'test'
 stride = 0              # tokens each window advances; the rest of the window is context. 0 means block_size // 2
 batch_size = 4          # windows per forward pass; their logits take batch_size * block_size * vocab * 4 bytes
 mcq = ''                # JSON lines of multiple-choice questions: score these instead of the split
+tasks = ''              # chat JSON lines of instruction tasks (tasks.py's test.jsonl): score these instead
+max_items = 0           # tasks: at most this many items per task (the first ones); 0 scores all
+max_new_tokens = 64     # tasks: the longest generated answer
 out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or out_dir/eval_<mcq name>.json
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast)
@@ -47,8 +61,9 @@ configure(globals())
 
 if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
     sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
-if mcq and not os.path.isfile(mcq):
-    sys.exit(f'error: question file {mcq} not found (--mcq)')
+for path, key in ((mcq, 'mcq'), (tasks, 'tasks')):
+    if path and not os.path.isfile(path):
+        sys.exit(f'error: question file {path} not found (--{key})')
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
 if ptdtype is None:
     sys.exit(f"error: --dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
@@ -108,10 +123,8 @@ def read_mcq(path):
     return questions
 
 
-def option_logprobs(prompt, options):
-    """Log-likelihood of each option's tokens (' ' + text) after the prompt, all options in one batch."""
-    context = [tok.eos_id] + tok.encode(prompt)
-    conts = [tok.encode(' ' + o) for o in options]
+def option_logprobs(context, conts):
+    """Log-likelihood of each continuation (token ids) after the context (token ids), all in one batch."""
     if max(map(len, conts)) >= block_size:
         sys.exit(f'error: an option of {max(map(len, conts))} tokens does not fit block_size {block_size}')
     seqs = [(context + c)[-(block_size + 1):] for c in conts]  # a long prompt loses its start, never the option
@@ -124,20 +137,127 @@ def option_logprobs(prompt, options):
     return (-nll(x.to(device), y.to(device))).tolist()
 
 
+def words(text):
+    return re.findall(r'\w+', text.lower())
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F1: the longest common subsequence of the two word sequences, as precision and recall."""
+    p, r = words(prediction), words(reference)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:  # LCS by dynamic programming, one row at a time
+        row = [0]
+        for j, b in enumerate(r):
+            row.append(prev[j] + 1 if a == b else max(prev[j + 1], row[j]))
+        prev = row
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
+
+
+def set_f1(prediction, reference):
+    """F1 of the predicted terms against the reference terms, each a "; "-separated, case-insensitive set."""
+    terms = lambda text: {' '.join(words(t)) for t in text.split(';')} - {''}
+    p, r = terms(prediction), terms(reference)
+    if not p or not r:
+        return float(p == r)
+    hits = len(p & r)
+    return 2 * hits / (len(p) + len(r))
+
+
+METRICS = {'rougeL': rouge_l, 'set_f1': set_f1, 'exact': lambda p, r: float(' '.join(words(p)) == ' '.join(words(r)))}
+
+
+def interval(scores, binary):
+    """95% interval of a mean: Wilson's for a proportion, the normal approximation otherwise."""
+    n, mean, z = len(scores), float(np.mean(scores)), 1.96
+    if binary:
+        centre, half = (mean + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+    half = z * float(np.std(scores, ddof=1)) / math.sqrt(n) if n > 1 else float('inf')
+    return max(0.0, mean - half), min(1.0, mean + half)  # every metric here lies in [0, 1]
+
+
+def generate_answer(prompt):
+    """The model's greedy reply (text) to a rendered prompt, stopped at <|end|> or max_new_tokens."""
+    n_new = min(max_new_tokens, max(block_size - len(prompt), block_size // 4))
+    prompt = prompt[-(block_size - n_new + 1):]  # a prompt too long for a reply loses its start
+    new = []
+    for token in model.stream(torch.tensor([prompt], device=device), n_new, temperature=0, eos_id=tok.chat['end']):
+        if token.item() == tok.chat['end']:
+            break
+        new.append(token.item())
+    return tok.decode(new)
+
+
+def score_tasks(path):
+    """Per-task results of the items in path (see the docstring at the top), and every item's record."""
+    records, _ = read_conversations(path)
+    by_task = {}
+    for r in records:
+        items = by_task.setdefault(r.get('task', 'chat'), [])
+        if not max_items or len(items) < max_items:
+            items.append(r)
+    summary, results = {}, []
+    for task, items in by_task.items():
+        scores, scores_norm, answers = [], [], []
+        multiple_choice = all('options' in r and 'answer' in r for r in items)
+        metric = METRICS.get(items[0].get('metric', 'rougeL'))
+        if metric is None:
+            sys.exit(f"error: {path}: task {task} has metric {items[0]['metric']!r}; expected one of {', '.join(METRICS)}")
+        for r in tqdm(items, desc=task, disable=None):
+            prompt, _ = render(r['messages'][:-1], tok, add_generation_prompt=True)
+            if multiple_choice:
+                conts = [tok.encode(o) + [tok.chat['end']] for o in r['options']]
+                logprobs = option_logprobs(prompt, conts)
+                pred = int(np.argmax(logprobs))
+                pred_norm = int(np.argmax([lp / (len(o) + 1) for lp, o in zip(logprobs, r['options'])]))
+                scores.append(float(pred == r['answer']))
+                scores_norm.append(float(pred_norm == r['answer']))
+                answers.append(r['options'][r['answer']])
+                results.append(dict(task=task, doc_id=r.get('doc_id'), answer=r['answer'], pred=pred,
+                                    pred_norm=pred_norm, scores=logprobs))
+            else:
+                reference, prediction = r['messages'][-1]['content'], generate_answer(prompt)
+                scores.append(metric(prediction, reference))
+                answers.append(reference)
+                results.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction, score=scores[-1]))
+        low, high = interval(scores, multiple_choice)
+        if multiple_choice:  # chance: a uniform guess; majority: always the commonest answer
+            chance = float(np.mean([1 / len(r['options']) for r in items]))
+            majority = max(answers.count(a) for a in set(answers)) / len(answers)
+        else:  # chance: another item's reference as the answer
+            chance = float(np.mean([metric(answers[(i + 1) % len(answers)], a) for i, a in enumerate(answers)]))
+            majority = None
+        summary[task] = dict(items=len(items), metric='accuracy' if multiple_choice else items[0].get('metric', 'rougeL'),
+                             score=float(np.mean(scores)), low=low, high=high, chance=chance, majority=majority)
+        if multiple_choice:
+            summary[task].update(zip(('score_norm', 'low_norm', 'high_norm'),
+                                     (float(np.mean(scores_norm)), *interval(scores_norm, True))))
+    return summary, results
+
+
 with torch.no_grad(), ctx:
-    if mcq:
+    if mcq or tasks:
         # the tokenizer: an export carries it; a checkpoint names its training data folder
-        tok_dir = next((d for d in (out_dir, os.path.join(out_dir, 'export'))
-                        if os.path.exists(os.path.join(d, 'meta.json'))), None) or trained_on()
-        if not tok_dir or not os.path.exists(os.path.join(tok_dir, 'meta.json')):
-            sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder {tok_dir}')
+        tok_dir = tokenizer_folder(out_dir)
+        if tok_dir is None:
+            sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
         tok = load_tokenizer(tok_dir)
         if tok.vocab_size > model.config.vocab_size:
             sys.exit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, '
                      f'the model {model.config.vocab_size}')
+    if tasks:
+        require_chat(tok, model.config.vocab_size)
+        summary, results = score_tasks(tasks)
+        header = f'{tasks}: {sum(t["items"] for t in summary.values())} items'
+        report = dict(out_dir=out_dir, tasks=tasks, summary=summary, results=results)
+        default_out = 'eval_tasks.json'
+    elif mcq:
         questions, results = read_mcq(mcq), []
         for prompt, options, answer in tqdm(questions, desc='questions', disable=None):
-            scores = option_logprobs(prompt, options)
+            scores = option_logprobs([tok.eos_id] + tok.encode(prompt), [tok.encode(' ' + o) for o in options])
             scores_norm = [s / (len(o) + 1) for s, o in zip(scores, options)]  # per character of ' ' + option
             results.append(dict(answer=answer, pred=int(np.argmax(scores)), pred_norm=int(np.argmax(scores_norm)),
                                 scores=scores, scores_norm=scores_norm))
@@ -190,8 +310,17 @@ with torch.no_grad(), ctx:
         default_out = f'eval_{split}.json'
 
 print(header)
-for key, value in summary.items():
-    print(f'  {key:<16} {value:>10.4f}' if isinstance(value, float) else f'  {key:<16} {value:>10}')
+if tasks:
+    print('| task | items | metric | score [95% interval] | per-character norm | chance | majority |\n'
+          '|---|---|---|---|---|---|---|')
+    for task, t in summary.items():
+        norm = f"{t['score_norm']:.3f} [{t['low_norm']:.3f}, {t['high_norm']:.3f}]" if 'score_norm' in t else ''
+        majority = f"{t['majority']:.3f}" if t['majority'] is not None else ''
+        print(f"| {task} | {t['items']} | {t['metric']} | {t['score']:.3f} [{t['low']:.3f}, {t['high']:.3f}] "
+              f"| {norm} | {t['chance']:.3f} | {majority} |")
+else:
+    for key, value in summary.items():
+        print(f'  {key:<16} {value:>10.4f}' if isinstance(value, float) else f'  {key:<16} {value:>10}')
 out_file = out_file or os.path.join(out_dir, default_out)
 with open(out_file, 'w') as f:
     json.dump(report, f, indent=2)

@@ -19,11 +19,12 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file, save_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
 from model import load_checkpoint, load_model, tokenizer_folder
-from prepare import gpt2_encoding
+from chat import CHAT_TEMPLATE
+from prepare import CHAT_TOKENS, gpt2_encoding, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors) to export
@@ -102,7 +103,7 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def gpt2_tokenizer(path):
+def gpt2_tokenizer(path, chat):
     """GPT-2's tokenizer.json (+ vocab.json, merges.txt) rebuilt from the tiktoken ranks prepare.py encodes with.
     tiktoken keeps only ranks; the merge that made a token is what BPE restricted to lower ranks leaves it as."""
     ranks = gpt2_encoding()._mergeable_ranks
@@ -123,6 +124,8 @@ def gpt2_tokenizer(path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(['<|endoftext|>'])
+    if chat:  # a model fine-tuned on chat grew rows 50257..50260 for them (train.py)
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAT_TOKENS])
     tok.save(os.path.join(path, 'tokenizer.json'))
     with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
         json.dump({**vocab, '<|endoftext|>': len(vocab)}, f, ensure_ascii=False)
@@ -169,14 +172,25 @@ try:
                 json.dump(training, f, indent=2)
     else:
         config, tensors = (llama if modern else gpt2)(model)
+        chat_ids = load_tokenizer(tok_dir).chat  # None: a vocabulary from before the chat tokens
+        chat = chat_ids is not None and cfg.vocab_size > max(chat_ids.values())
         if meta['tokenizer'] == 'gpt2':
-            gpt2_tokenizer(tmp)
+            gpt2_tokenizer(tmp, chat)
         else:
             shutil.copy(os.path.join(tok_dir, meta['tokenizer_file']), os.path.join(tmp, 'tokenizer.json'))
         with open(os.path.join(tmp, 'tokenizer.json')) as f:
-            special = {t['id']: t['content'] for t in json.load(f)['added_tokens']}
+            tokenizer = json.load(f)
+        # the chat markers as plain added tokens: split_special_tokens (below) would otherwise spell them out
+        # in the text apply_chat_template renders
+        for t in tokenizer['added_tokens']:
+            t['special'] = t['special'] and t['content'] not in CHAT_TOKENS
+        with open(os.path.join(tmp, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+            json.dump(tokenizer, f, ensure_ascii=False)
+        special = {t['id']: t['content'] for t in tokenizer['added_tokens']}
         tokens = {f'{k}_token': special[meta[f'{k}_id']] for k in ('bos', 'eos', 'unk', 'pad')
                   if meta.get(f'{k}_id') in special}
+        if chat:
+            tokens['chat_template'] = CHAT_TEMPLATE
         with open(os.path.join(tmp, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
             # as ours: a special token's text in the input is plain text, and decode cleans up no spaces
             json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': cfg.block_size,

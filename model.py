@@ -14,7 +14,7 @@ weights map one-to-one onto Hugging Face's Llama and GPT-2 layouts (see export.p
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -405,6 +405,7 @@ def load_model(path, device='cpu'):
     """A GPT from an exported folder (config.json + model.safetensors) or a training out_dir (ckpt.pt).
     A missing, truncated or foreign file is a SystemExit naming it: a one-line error for every script."""
     if os.path.exists(os.path.join(path, 'model.safetensors')):
+        from safetensors import SafetensorError
         from safetensors.torch import load_model as load_safetensors
         file = os.path.join(path, 'model.safetensors')
         try:
@@ -418,7 +419,7 @@ def load_model(path, device='cpu'):
         model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in {f.name for f in fields(GPTConfig)}}))
         try:  # load_model, unlike load_file, restores tied weights
             load_safetensors(model, file, device=str(device))
-        except (OSError, ValueError, RuntimeError) as e:  # SafetensorError subclasses one of these
+        except (OSError, RuntimeError, SafetensorError) as e:  # RuntimeError: missing keys or wrong shapes
             raise SystemExit(f'error: cannot read {file}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
         return model.to(device)
     ckpt_path = os.path.join(path, 'ckpt.pt')
@@ -445,6 +446,18 @@ def load_checkpoint(ckpt_path, device='cpu', mmap=False):
     return checkpoint
 
 
+def grow_vocab(model, vocab_size):
+    """The model with vocab_size token embeddings (and head rows), the new ones the mean of the old: fine-tuning
+    can then learn tokens its pre-training vocabulary had no room for (GPT-2's 50,257 ids hold no chat tokens)."""
+    state = model.state_dict()
+    for name in ('tok_embeddings.weight', 'output.weight'):  # tied: both names, one tensor
+        w = state[name]
+        state[name] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - len(w), -1)])
+    grown = GPT(GPTConfig(**{**asdict(model.config), 'vocab_size': vocab_size}))
+    grown.load_state_dict(state)
+    return grown.to(w.device)
+
+
 def tokenizer_folder(path):
     """The folder holding the tokenizer (meta.json) of the model at path: an export carries its own, a training
     out_dir has it in export/ or names its data folder in ckpt.pt. None if there is none."""
@@ -453,7 +466,8 @@ def tokenizer_folder(path):
             return folder
     ckpt_path = os.path.join(path, 'ckpt.pt')
     if os.path.exists(ckpt_path):
-        data_dir = load_checkpoint(ckpt_path, mmap=True)['data_dir']
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        data_dir = checkpoint.get('tokenizer_dir', checkpoint['data_dir'])  # chat data: the base model's tokenizer
         if os.path.exists(os.path.join(data_dir, 'meta.json')):
             return data_dir
     return None

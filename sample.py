@@ -5,6 +5,13 @@ Samples from a medslm model, streaming the text to the terminal as it is generat
 
 out_dir is a training out_dir (ckpt.pt) or an exported folder (model.safetensors, meta.json, tokenizer.json).
 Each sample ends at the end-of-document token or after max_new_tokens; speed goes to stderr.
+
+An instruction-tuned model (train.py on chat data) chats: type a message and Enter, the reply streams back;
+the conversation so far is the context, its oldest turns dropped to fit block_size; Ctrl-D ends. With --start,
+one reply to that message (for scripts):
+
+    python sample.py --out_dir=out-sft-tiny --chat
+    python sample.py --out_dir=out-sft-tiny --chat --start="Write a title for this abstract. ..." --temperature=0
 """
 import os
 import sys
@@ -14,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
+from chat import render, require_chat
 from model import load_model, sample_logits, tokenizer_folder
 from prepare import load_tokenizer
 
@@ -30,6 +38,8 @@ device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast); CPU decoding is slower in bf16, even with bf16 units
 compile = False         # torch.compile the forward pass; pays off on GPU for long generations
 kv_cache = True         # False recomputes the whole sequence for every token (shows what the cache saves)
+chat = False            # talk to an instruction-tuned model; with start, answer that one message and exit
+system = ''             # chat: a system message that opens the conversation
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -58,50 +68,99 @@ tok = load_tokenizer(tok_dir)
 if tok.vocab_size > model.config.vocab_size:
     sys.exit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, the model {model.config.vocab_size}')
 
-# in the training stream every document follows an EOS token, so a prompt starts after one too
-ids = [tok.eos_id] + tok.encode(start)
 block_size = model.config.block_size
-if len(ids) >= block_size:
-    sys.exit(f'error: the prompt is {len(ids) - 1} tokens; this model reads at most {block_size - 2} '
-             f'(block_size {block_size})')
-n_new = min(max_new_tokens, block_size - len(ids))
-if n_new < max_new_tokens:
-    print(f'note: max_new_tokens cut to {n_new} to fit block_size {block_size}', file=sys.stderr)
-x = torch.tensor([ids], dtype=torch.long, device=device)
 generator = torch.Generator(device=device).manual_seed(seed)
 
 
-def full_forward_stream(idx, steps):
+def full_forward_stream(idx, steps, stop_id):
     # no cache: every step runs the whole sequence through the model again
     for _ in range(steps):
         logits, _ = model(idx)
         token = sample_logits(logits[:, -1], temperature, top_k or None, top_p, generator)
         yield token
-        if token.item() == tok.eos_id:
+        if token.item() == stop_id:
             return
         idx = torch.cat([idx, token[:, None]], dim=1)
 
 
+def write_reply(ids, max_new, stop_id):
+    """Samples up to max_new tokens after ids, writing the text to stdout as it comes; returns the new ids."""
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    steps = (model.stream(x, max_new, temperature, top_k or None, top_p, stop_id, generator) if kv_cache
+             else full_forward_stream(x, max_new, stop_id))
+    new, shown = [], 0
+    for token in steps:
+        if token.item() == stop_id:
+            break
+        new.append(token.item())
+        text = tok.decode(new)
+        # a character whose bytes are split across tokens decodes to U+FFFD until its last byte arrives
+        if not text.endswith('\ufffd'):
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+    sys.stdout.write(tok.decode(new)[shown:])
+    sys.stdout.flush()
+    return new
+
+
+def fit_history(messages):
+    """The rendered prompt of the conversation, its oldest turns dropped until a reply of max_new_tokens fits in
+    block_size (the system message and the newest user message always stay); None if even those do not."""
+    head, turns = messages[:1] if system else [], messages[1:] if system else messages
+    while True:
+        ids, _ = render(head + turns, tok, add_generation_prompt=True)
+        if len(ids) + max_new_tokens <= block_size or len(turns) == 1:
+            return ids if len(ids) < block_size else None
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]  # a user turn and its reply go together
+
+
 n_tokens, t0 = 0, time.time()
-with torch.no_grad(), ctx:
-    for _ in range(num_samples):
-        sys.stdout.write(start)
-        steps = (model.stream(x, n_new, temperature, top_k or None, top_p, tok.eos_id, generator) if kv_cache
-                 else full_forward_stream(x, n_new))
-        new, shown = [], 0
-        for token in steps:
-            n_tokens += 1
-            if token.item() == tok.eos_id:
+if chat:
+    require_chat(tok, model.config.vocab_size)
+    history = [{'role': 'system', 'content': system}] if system else []
+    interactive = sys.stdin.isatty() and not start
+    with torch.no_grad(), ctx:
+        while True:
+            if start:
+                message = start
+            else:
+                if interactive:
+                    sys.stdout.write('> ')
+                    sys.stdout.flush()
+                message = sys.stdin.readline()
+                if not message:  # Ctrl-D / end of input
+                    break
+                message = message.rstrip('\n')
+                if not message.strip():
+                    continue
+            history.append({'role': 'user', 'content': message})
+            ids = fit_history(history)
+            if ids is None:
+                print(f'(that message does not fit in {block_size} tokens; say it shorter)', file=sys.stderr)
+                history.pop()
+            else:
+                reply = write_reply(ids, min(max_new_tokens, block_size - len(ids)), tok.chat['end'])
+                sys.stdout.write('\n')
+                n_tokens += len(reply)
+                history.append({'role': 'assistant', 'content': tok.decode(reply)})
+            if start:
                 break
-            new.append(token.item())
-            text = tok.decode(new)
-            # a character whose bytes are split across tokens decodes to U+FFFD until its last byte arrives
-            if not text.endswith('\ufffd'):
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-        sys.stdout.write(tok.decode(new)[shown:] + '\n---------------\n')
-        sys.stdout.flush()
+else:
+    # in the training stream every document follows an EOS token, so a prompt starts after one too
+    ids = [tok.eos_id] + tok.encode(start)
+    if len(ids) >= block_size:
+        sys.exit(f'error: the prompt is {len(ids) - 1} tokens; this model reads at most {block_size - 2} '
+                 f'(block_size {block_size})')
+    n_new = min(max_new_tokens, block_size - len(ids))
+    if n_new < max_new_tokens:
+        print(f'note: max_new_tokens cut to {n_new} to fit block_size {block_size}', file=sys.stderr)
+    with torch.no_grad(), ctx:
+        for _ in range(num_samples):
+            sys.stdout.write(start)
+            n_tokens += len(write_reply(ids, n_new, tok.eos_id))
+            sys.stdout.write('\n---------------\n')
+            sys.stdout.flush()
 dt = time.time() - t0
 print(f'{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s '
       f'({"KV cache" if kv_cache else "no cache"}, {device}, {dtype})', file=sys.stderr)

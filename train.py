@@ -5,6 +5,10 @@ Trains a medslm decoder on prepare.py's token shards:
     torchrun --standalone --nproc_per_node=8 train.py config/medslm_381m.py       # 8 GPUs (--nnodes=N: N machines)
 
 --init_from=resume continues out_dir/ckpt.pt; --init_from=<exported folder> continues pre-training from it.
+Instruction tuning (SFT) is the same loop on chat data: a data_dir of train.jsonl and val.jsonl conversations
+(chat.py), packed into block_size windows, the loss on assistant tokens only:
+
+    python train.py config/sft_tiny_cpu.py                     # init_from=out-tiny, data_dir=data/tasks
 A finished run leaves out_dir/export/ (weights, configs, optimizer, tokenizer, loss curves); --export_only=True
 rebuilds it from out_dir/ckpt.pt.
 """
@@ -27,7 +31,9 @@ from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import GPT, GPTConfig, load_checkpoint, load_model
+from chat import pack, read_conversations, require_chat
+from model import GPT, GPTConfig, grow_vocab, load_checkpoint, load_model, tokenizer_folder
+from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -39,7 +45,8 @@ always_save_checkpoint = True  # if False, checkpoint only when the val loss imp
 init_from = 'scratch'       # 'scratch' | 'resume' (from out_dir/ckpt.pt) | path to an exported model folder
 export_only = False         # just rebuild out_dir/export/ from out_dir/ckpt.pt
 # data
-data_dir = 'data/pubmed'    # prepare.py's output: meta.json and the .bin shards
+data_dir = 'data/pubmed'    # prepare.py's output (meta.json, .bin shards), or chat JSON lines (train.jsonl, val.jsonl)
+skip_bad = False            # chat data: skip (and count) bad JSON lines rather than stop at the first
 gradient_accumulation_steps = 40  # micro-steps per optimizer step, summed over all ranks
 batch_size = 12             # sequences per micro-step
 block_size = 1024
@@ -99,7 +106,8 @@ def export(checkpoint):
         with open(os.path.join(tmp, name), 'w') as f:
             json.dump(obj, f, indent=2)
     if checkpoint['meta'].get('tokenizer_file'):
-        shutil.copy(os.path.join(checkpoint['data_dir'], checkpoint['meta']['tokenizer_file']), tmp)
+        tokenizer_dir = checkpoint.get('tokenizer_dir', checkpoint['data_dir'])
+        shutil.copy(os.path.join(tokenizer_dir, checkpoint['meta']['tokenizer_file']), tmp)
     history, evals = checkpoint['history'], checkpoint['history']['eval']
     fig, ax = plt.subplots(figsize=(9, 5))
     ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
@@ -174,15 +182,39 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
 ptdtype = getattr(torch, dtype)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# data: every split is a list of shards; a window may start anywhere a full block_size + 1 tokens fits
+# data: token shards from prepare.py (pre-training), or chat conversations (instruction tuning), whose tokenizer
+# is the model's own
 meta_path = os.path.join(data_dir, 'meta.json')
-if not os.path.exists(meta_path):
-    raise SystemExit(f'error: {meta_path} not found: prepare the data first (python prepare.py --out {data_dir})')
+chat_data = not os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, 'train.jsonl'))
+tokenizer_dir = data_dir
+if chat_data:
+    tokenizer_dir = tokenizer_folder(out_dir if init_from == 'resume' else init_from)
+    if init_from == 'scratch' or tokenizer_dir is None:
+        raise SystemExit(f'error: chat data ({data_dir}) fine-tunes a pre-trained model: set init_from to its '
+                         'export or out_dir (one with a tokenizer)')
+    meta_path = os.path.join(tokenizer_dir, 'meta.json')
+elif not os.path.exists(meta_path):
+    raise SystemExit(f'error: {meta_path} not found: prepare the data first (python prepare.py --out {data_dir}), '
+                     'or give a folder of chat data (train.jsonl, val.jsonl)')
 with open(meta_path) as f:
     meta = json.load(f)
 token_dtype = np.dtype(meta['dtype'])
 splits = {}
 for split in ('train', 'val'):
+    if chat_data:  # every window is packed once, up front: (windows, block_size) inputs and targets
+        path = os.path.join(data_dir, f'{split}.jsonl')
+        if not os.path.exists(path):
+            raise SystemExit(f'error: {path} not found: chat data needs train.jsonl and val.jsonl')
+        records, skipped = read_conversations(path, skip_bad)
+        x, y, stats = pack([r['messages'] for r in records], load_tokenizer(tokenizer_dir), block_size, seed)
+        if master_process:
+            print(f"{path}: {len(records):,} conversations ({skipped} bad lines skipped, {stats['truncated']} "
+                  f"truncated, {stats['dropped']} dropped) in {stats['windows']:,} windows, {stats['fill']:.0%} "
+                  f"full, {stats['trained']:,} tokens trained")
+        if stats['trained'] == 0:
+            raise SystemExit(f'error: {path} leaves no assistant token to train on at block_size={block_size}')
+        splits[split] = (torch.from_numpy(x), torch.from_numpy(y))
+        continue
     files = [os.path.join(data_dir, name) for name in meta['splits'][split]['files']]
     for path in files:
         if not os.path.exists(path):
@@ -194,16 +226,22 @@ for split in ('train', 'val'):
 
 
 def get_batch(split, generator):
-    files, starts = splits[split]
-    ends = np.cumsum(starts)
-    # a uniform draw over all window starts picks each shard in proportion to its length
-    ix = torch.randint(int(ends[-1]), (batch_size,), generator=generator).numpy()
-    shard = np.searchsorted(ends, ix, side='right')
-    offsets = ix - (ends - starts)[shard]
-    # fresh memmaps every batch: a long-lived one keeps every page it ever touched resident (nanoGPT's fix)
-    shards = {s: np.memmap(files[s], dtype=token_dtype, mode='r') for s in set(shard.tolist())}
-    w = torch.from_numpy(np.stack([shards[s][o:o + block_size + 1] for s, o in zip(shard, offsets)]).astype(np.int64))
-    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    if chat_data:
+        windows, targets = splits[split]
+        ix = torch.randint(len(windows), (batch_size,), generator=generator)
+        x, y = windows[ix], targets[ix]
+    else:
+        files, starts = splits[split]
+        ends = np.cumsum(starts)
+        # a uniform draw over all window starts picks each shard in proportion to its length
+        ix = torch.randint(int(ends[-1]), (batch_size,), generator=generator).numpy()
+        shard = np.searchsorted(ends, ix, side='right')
+        offsets = ix - (ends - starts)[shard]
+        # fresh memmaps every batch: a long-lived one keeps every page it ever touched resident (nanoGPT's fix)
+        shards = {s: np.memmap(files[s], dtype=token_dtype, mode='r') for s in set(shard.tolist())}
+        w = torch.from_numpy(np.stack([shards[s][o:o + block_size + 1]
+                                       for s, o in zip(shard, offsets)]).astype(np.int64))
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -232,6 +270,10 @@ elif os.path.isdir(init_from):
     model = load_model(init_from)  # continued pre-training: its weights, a fresh optimizer and schedule
 else:
     raise SystemExit(f"error: init_from must be 'scratch', 'resume' or an exported model folder, got {init_from!r}")
+if chat_data and init_from != 'resume':
+    chat_ids = require_chat(load_tokenizer(tokenizer_dir))
+    if max(chat_ids.values()) >= model.config.vocab_size:  # GPT-2's 50,257 ids have no room for the chat tokens
+        model = grow_vocab(model, max(chat_ids.values()) + 1)
 model_args = asdict(model.config)
 if model_args['vocab_size'] < meta['vocab_size']:
     raise SystemExit(f"error: the model's vocab_size {model_args['vocab_size']} is smaller than the data's "
@@ -330,15 +372,16 @@ def flush_steps():
 
 def evaluate():
     losses = estimate_loss()
-    split = meta['splits']['val']
     record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-              'val_ppl': math.exp(min(losses['val'], 700)),  # math.exp raises past ~709
-              'val_bpb': losses['val'] / math.log(2) * split['tokens'] / split['bytes']}
+              'val_ppl': math.exp(min(losses['val'], 700))}  # math.exp raises past ~709
+    if not chat_data:  # chat data scores assistant tokens only: no bytes-per-token of the whole text to convert by
+        split = meta['splits']['val']
+        record['val_bpb'] = losses['val'] / math.log(2) * split['tokens'] / split['bytes']
     history['eval'].append(record)
     log(record)
     if master_process:
         print(f"step {iter_num}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
-              f"val ppl {record['val_ppl']:.2f}, val bits/byte {record['val_bpb']:.4f}")
+              f"val ppl {record['val_ppl']:.2f}" + (f", val bits/byte {record['val_bpb']:.4f}" if not chat_data else ''))
     return losses['val']
 
 
@@ -356,6 +399,7 @@ def save_checkpoint():
     checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                   'scaler': scaler.state_dict(), 'model_args': model_args, 'config': config, 'iter_num': iter_num,
                   'best_val_loss': best_val_loss, 'history': history, 'data_dir': data_dir, 'meta': meta,
+                  'tokenizer_dir': tokenizer_dir,
                   'rng': {'data': [s for r in ranks for s in r['data']], 'torch': [r['torch'] for r in ranks],
                           'cuda': [r['cuda'] for r in ranks]}}
     tmp = ckpt_path + '.tmp'  # a crash while writing leaves the previous checkpoint whole

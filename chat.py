@@ -1,0 +1,141 @@
+"""
+The chat format, in one place: conversations from JSON lines, rendered to token ids plus a loss mask, and
+packed into training windows. train.py (SFT), sample.py (--chat), eval.py (--tasks) and export.py use it.
+
+A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Rendered, each message is
+
+    <|role|> content <|end|>
+
+with the four markers reserved in the tokenizer (prepare.CHAT_TOKENS), so no text ever produces them: a literal
+"<|user|>" in a message is encoded as plain text. Only assistant content and its <|end|> train (mask 1). To
+generate a reply, the prompt ends with <|assistant|> and decoding stops at <|end|>. CHAT_TEMPLATE is the same
+format in Jinja, for the Hugging Face and GGUF exports: on ordinary text apply_chat_template gives these ids
+(a literal marker in the text is the one difference: there it becomes the token).
+"""
+import bisect
+import json
+
+import numpy as np
+
+ROLES = ('system', 'user', 'assistant')
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def require_chat(tok, model_vocab_size=None):
+    """The tokenizer's chat ids; a one-line error if it has none or the model cannot embed them."""
+    if tok.chat is None:
+        raise SystemExit('error: this tokenizer reserves no chat tokens (a BPE prepared before they were '
+                         'added): prepare the data again and pre-train, or fine-tune a newer model')
+    if model_vocab_size is not None and max(tok.chat.values()) >= model_vocab_size:
+        raise SystemExit(f'error: the model\'s {model_vocab_size:,} token embeddings do not reach the chat tokens '
+                         f'(ids {min(tok.chat.values())}..{max(tok.chat.values())}): it was not instruction-tuned')
+    return tok.chat
+
+
+def render(messages, tok, add_generation_prompt=False):
+    """Token ids of a conversation and a same-length mask: 1 where the model learns (assistant content and
+    its <|end|>), 0 elsewhere. With add_generation_prompt, ends with <|assistant|> for the reply to follow."""
+    chat = require_chat(tok)
+    ids, mask = [], []
+    for m in messages:
+        content = tok.encode(m['content'])
+        trains = int(m['role'] == 'assistant')
+        ids += [chat[m['role']]] + content + [chat['end']]
+        mask += [0] + [trains] * (len(content) + 1)
+    if add_generation_prompt:
+        ids.append(chat['assistant'])
+        mask.append(0)
+    return ids, mask
+
+
+def check_messages(messages):
+    """None if messages is a valid conversation to train on, else what is wrong with it."""
+    if not isinstance(messages, list) or not messages:
+        return '"messages" must be a non-empty list'
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get('content'), str):
+            return f'message {i} needs a "role" and a string "content"'
+        if m.get('role') not in ROLES:
+            return f'message {i} has role {m.get("role")!r}; expected one of {", ".join(ROLES)}'
+        if m['role'] == 'assistant' and not m['content'].strip():
+            return f'message {i} is an empty assistant turn'
+    if not any(m['role'] == 'assistant' for m in messages):
+        return 'no assistant turn: nothing to learn from'
+    return None
+
+
+def read_conversations(path, skip_bad=False):
+    """The conversations of a JSON lines file: each line {"messages": [...]} or {"prompt": str, "response": str}
+    (other keys are kept, e.g. a task's options). A bad line is a one-line error naming the file and line, or
+    with skip_bad is skipped and counted. Returns (records with a "messages" list, number skipped)."""
+    records, skipped = [], 0
+    try:
+        lines = open(path, encoding='utf-8').read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f'error: cannot read {path}: {e}')
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem = None if isinstance(record, dict) else 'not a JSON object'
+        except json.JSONDecodeError as e:
+            record, problem = None, f'not JSON ({e.msg})'
+        if problem is None and 'messages' not in record:
+            if isinstance(record.get('prompt'), str) and isinstance(record.get('response'), str):
+                record['messages'] = [{'role': 'user', 'content': record['prompt']},
+                                      {'role': 'assistant', 'content': record['response']}]
+            else:
+                problem = 'needs "messages", or "prompt" and "response" strings'
+        problem = problem or check_messages(record['messages'])
+        if problem:
+            if not skip_bad:
+                raise SystemExit(f'error: {path}:{n}: {problem} (--skip_bad skips such lines)')
+            skipped += 1
+            continue
+        records.append(record)
+    return records, skipped
+
+
+def pack(conversations, tok, block_size, seed=0):
+    """Packs rendered conversations, whole, into windows of block_size + 1 tokens (best fit, longest first) rather
+    than padding each to block_size: a step then computes on real tokens, as in pre-training. Returns x, y
+    (windows, block_size) int64 arrays, y = the next token where it trains else -1, and counts. A conversation
+    longer than a window keeps its first block_size + 1 tokens if any of them train, else it is dropped.
+    Conversations sharing a window can attend to one another, as documents do in pre-training."""
+    T = block_size + 1
+    rendered, stats = [], dict(conversations=len(conversations), truncated=0, dropped=0)
+    for messages in conversations:
+        ids, mask = render(messages, tok)
+        if len(ids) > T:
+            ids, mask = ids[:T], mask[:T]
+            if not any(mask[1:]):
+                stats['dropped'] += 1
+                continue
+            stats['truncated'] += 1
+        rendered.append((ids, mask))
+    order = np.random.default_rng(seed).permutation(len(rendered))  # ties broken by a seed, not by file order
+    order = sorted(order.tolist(), key=lambda i: -len(rendered[i][0]))
+    bins, free = [], []  # free: sorted (room left, bin index)
+    for i in order:
+        n = len(rendered[i][0])
+        k = bisect.bisect_left(free, (n, -1))  # the fullest window it still fits in
+        if k == len(free):
+            bins.append([i])
+            bisect.insort(free, (T - n, len(bins) - 1))
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+    x = np.full((len(bins), block_size), tok.eos_id, dtype=np.int64)  # padding: after the real tokens, never seen
+    y = np.full((len(bins), block_size), -1, dtype=np.int64)
+    for b, members in enumerate(bins):
+        ids = [t for i in members for t in rendered[i][0]]
+        mask = np.array([m for i in members for m in rendered[i][1]], dtype=bool)
+        ids = np.array(ids, dtype=np.int64)
+        x[b, :len(ids) - 1] = ids[:-1]
+        y[b, :len(ids) - 1] = np.where(mask[1:], ids[1:], -1)
+    stats.update(windows=len(bins), tokens=sum(len(r[0]) for r in rendered), trained=int((y != -1).sum()),
+                 fill=sum(len(r[0]) for r in rendered) / max(1, len(bins) * T))
+    return x, y, stats

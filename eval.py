@@ -50,7 +50,7 @@ stride = 0              # tokens each window advances; the rest of the window is
 batch_size = 4          # windows per forward pass; their logits take batch_size * block_size * vocab * 4 bytes
 mcq = ''                # JSON lines of multiple-choice questions: score these instead of the split
 tasks = ''              # chat JSON lines of instruction tasks (tasks.py's test.jsonl): score these instead
-max_items = 0           # tasks: at most this many items per task (the first ones); 0 scores all
+max_items = 0           # tasks: at most this many items per generation task (the first ones: decoding is the slow part); 0: all
 max_new_tokens = 64     # tasks: the longest generated answer
 out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or out_dir/eval_<mcq name>.json
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -197,7 +197,7 @@ def score_tasks(path):
     by_task = {}
     for r in records:
         items = by_task.setdefault(r.get('task', 'chat'), [])
-        if not max_items or len(items) < max_items:
+        if not max_items or len(items) < max_items or 'options' in r:
             items.append(r)
     summary, results = {}, []
     for task, items in by_task.items():

@@ -1,0 +1,266 @@
+"""
+Instruction tasks with checkable answers, built offline from the PubMed records prepare.py reads (MediPhi's idea:
+instructions synthesized from medical documents, no hand labelling):
+
+  python tasks.py --data_dir=data/pubmed_4k --out=data/tasks                  # the inputs data_dir was prepared from
+  python tasks.py --data_dir=data/pubmed_4k --out=data/tasks --max_chars=600  # short enough for a 256-token model
+
+task               kind             from
+title              generation       the abstract -> its title (ROUGE-L)
+title_choice       multiple choice  the abstract -> its title among 3 of other documents of the same split
+publication_type   multiple choice  PublicationType: case report > clinical trial (any, randomized too) > review
+                                    (incl. systematic, meta-analysis) > research article (Journal Article); others skipped
+sentence_section   multiple choice  a sentence of a structured abstract -> background (BACKGROUND, OBJECTIVE), methods,
+                                    results or conclusions, from NlmCategory; one sentence per section per document
+conclusions        generation       a structured abstract without its conclusions -> them (ROUGE-L; PubMedQA's shape)
+mesh_topics        generation       title and abstract -> the MeSH major topics (F1 of the "; "-separated set)
+keywords           generation       title and abstract -> the author keywords (likewise)
+
+Every item's document is in the split prepare.py gave it (the same record versions, drops and hash split, read
+from data_dir/meta.json), so a test item's abstract was seen by neither pre-training nor SFT; a val or test
+document whose text or title equals a train document's yields no items. Output in --out: train.jsonl, val.jsonl,
+test.jsonl (chat lines, see chat.py: {"task", "doc_id", "messages", and "options" + "answer" for multiple
+choice or "metric" for generation}) and counts.json; the count table is printed. PMC articles and plain-text
+inputs give no items (they have none of these fields).
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+
+from tqdm import tqdm
+
+from prepare import NO_LABEL, embedded_corpus, input_files, jats_record, kind_of, pubmed_record, split_of, squash, text_of
+
+SECTIONS = {'BACKGROUND': 'background', 'OBJECTIVE': 'background', 'METHODS': 'methods', 'RESULTS': 'results',
+            'CONCLUSIONS': 'conclusions'}
+PUBLICATION_TYPES = ['case report', 'clinical trial', 'review', 'research article']
+INSTRUCTIONS = {
+    'title': 'Write a title for this abstract.',
+    'title_choice': 'Which title belongs to this abstract?',
+    'publication_type': 'Is this article a review, a case report, a clinical trial or a research article?',
+    'sentence_section': 'Which section of a structured abstract is this sentence from: background, methods, '
+                        'results or conclusions?',
+    'conclusions': 'Write the conclusions of this abstract.',
+    'mesh_topics': 'List the MeSH major topics of this article, separated by semicolons.',
+    'keywords': 'List the keywords of this article, separated by semicolons.',
+}
+
+
+def article_fields(el):
+    """What the tasks need of a PubmedArticle, beside prepare.py's rendering of it (for its split and drops)."""
+    doc_id, text = pubmed_record(el)
+    art = el.find('MedlineCitation/Article')
+    if art is None:  # a book chapter: nothing but its text
+        return doc_id, dict(text=text)
+    sections = [(a.get('Label', '').strip(), a.get('NlmCategory', '').strip().upper(), squash(text_of(a)))
+                for a in art.findall('Abstract/AbstractText')]
+    mesh = [squash(text_of(h.find('DescriptorName'))) for h in el.findall('MedlineCitation/MeshHeadingList/MeshHeading')
+            if h.find('DescriptorName') is not None and 'Y' in [h.find('DescriptorName').get('MajorTopicYN')] +
+            [q.get('MajorTopicYN') for q in h.findall('QualifierName')]]
+    title = art.find('ArticleTitle')
+    return doc_id, dict(text=text, title=squash(text_of(title)) if title is not None else '',
+                        sections=[s for s in sections if s[2]],
+                        types=[squash(text_of(t)) for t in art.findall('PublicationTypeList/PublicationType')],
+                        mesh=list(dict.fromkeys(mesh)),
+                        keywords=list(dict.fromkeys(squash(text_of(k)) for k in el.findall('MedlineCitation/KeywordList/Keyword') if squash(text_of(k)))))
+
+
+def read_documents(files, min_chars):
+    """doc id -> fields of the documents prepare.py keeps, with its record semantics: a later version replaces an
+    earlier one (keeping its place), a DeleteCitation removes it, then empty, too short and duplicate texts drop."""
+    docs = {}
+    for path in tqdm(files, unit='file', desc='parse'):
+        if kind_of(path) != 'xml':
+            continue
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            try:
+                for _, el in ET.iterparse(f, events=('end',)):
+                    if el.tag == 'PubmedArticle':
+                        doc_id, fields = article_fields(el)
+                    elif el.tag == 'PubmedBookArticle':
+                        doc_id, text = pubmed_record(el)
+                        fields = dict(text=text)
+                    elif el.tag == 'article':
+                        doc_id, text = jats_record(el, path)
+                        fields = dict(text=text)
+                    elif el.tag == 'DeleteCitation':
+                        for pmid in el.findall('PMID'):
+                            docs.pop('pmid:' + (pmid.text or '').strip(), None)
+                        el.clear()
+                        continue
+                    else:
+                        continue
+                    docs[doc_id] = fields
+                    el.clear()
+            except (OSError, EOFError, ET.ParseError, ValueError) as e:
+                sys.exit(f'tasks.py: error: {path}: {type(e).__name__}: {squash(str(e))}')
+    kept, seen = {}, set()
+    for doc_id, fields in docs.items():
+        digest = hashlib.blake2b(fields['text'].encode(), digest_size=16).digest()
+        if fields['text'] and len(fields['text']) >= min_chars and digest not in seen:
+            seen.add(digest)
+            kept[doc_id] = fields
+    return kept
+
+
+def clip(text, max_chars, keep_end=False):
+    """text cut to at most max_chars at a sentence boundary (a word boundary if it has none), from its start, or
+    with keep_end from its end."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[-max_chars:] if keep_end else text[:max_chars]
+    bounds = [m.end() for m in re.finditer(r'[.!?]\s', cut)] if keep_end else [m.end() - 1 for m in re.finditer(r'[.!?]\s', cut)]
+    if keep_end:
+        return cut[bounds[0]:].strip() if bounds else cut[cut.find(' ') + 1:]
+    return cut[:bounds[-1]].strip() if bounds else cut[:cut.rfind(' ')]
+
+
+def sentences(text):
+    return [s for s in re.split(r'(?<=[.!?])\s+(?=[A-Z0-9(\[])', text) if len(s) > 20]
+
+
+def abstract_of(fields):
+    return '\n'.join(f'{label}: {t}' if label.upper() not in NO_LABEL else t for label, _, t in fields['sections'])
+
+
+def publication_type(types):
+    if 'Case Reports' in types:
+        return 'case report'
+    if any(t.startswith('Clinical Trial') or t in ('Randomized Controlled Trial', 'Controlled Clinical Trial')
+           for t in types):
+        return 'clinical trial'
+    if any(t in ('Review', 'Systematic Review', 'Meta-Analysis') for t in types):
+        return 'review'
+    return 'research article' if 'Journal Article' in types else None
+
+
+def item(task, doc_id, content, answer, options=None, metric=None):
+    record = dict(task=task, doc_id=doc_id, messages=[{'role': 'user', 'content': f'{INSTRUCTIONS[task]}\n\n{content}'},
+                                                      {'role': 'assistant', 'content': answer}])
+    if options is not None:
+        record.update(options=options, answer=options.index(answer))
+    else:
+        record['metric'] = metric
+    return record
+
+
+def document_items(doc_id, fields, titles, rng, max_chars, held_out, dropped):
+    """The items of one document; titles: the other documents of its split, for distractors."""
+    if 'sections' not in fields or not fields['title']:
+        return []
+    abstract = clip(abstract_of(fields), max_chars)
+    items = [item('title', doc_id, abstract, fields['title'], metric='rougeL')]
+    options = [fields['title']]
+    while len(options) < 4:  # three distinct distractors, drawn without copying the split's titles per document
+        other = titles[rng.randrange(len(titles))]
+        options += [other] if other not in options else []
+    rng.shuffle(options)
+    items.append(item('title_choice', doc_id, abstract, fields['title'], options=options))
+    kind = publication_type(fields['types'])
+    if kind:
+        items.append(item('publication_type', doc_id, clip(fields['title'] + '\n' + abstract_of(fields), max_chars),
+                          kind, options=PUBLICATION_TYPES))
+    by_section = {}
+    for _, category, text in fields['sections']:
+        if category in SECTIONS:
+            by_section.setdefault(SECTIONS[category], []).extend(sentences(text))
+    if len(fields['sections']) >= 3:  # a structured abstract
+        per_section = 1 if held_out else 2  # held out: more documents rather than more sentences of one
+        for section in sorted(by_section):
+            for sentence in rng.sample(by_section[section], min(per_section, len(by_section[section]))):
+                items.append(item('sentence_section', doc_id, clip(sentence, max_chars), section,
+                                  options=list(dict.fromkeys(SECTIONS.values()))))
+        rest = [s for s in fields['sections'] if s[1] != 'CONCLUSIONS']
+        answer = ' '.join(t for _, c, t in fields['sections'] if c == 'CONCLUSIONS')
+        if answer and len(answer) > max_chars // 2:
+            dropped['conclusions_too_long'] += 1
+        elif answer and rest:  # the sections nearest the conclusions (results) matter most: clip from the start
+            items.append(item('conclusions', doc_id, clip(abstract_of(dict(sections=rest)), max_chars, keep_end=True),
+                              answer, metric='rougeL'))
+    for task, terms in (('mesh_topics', fields['mesh']), ('keywords', fields['keywords'])):
+        if terms:
+            items.append(item(task, doc_id, clip(fields['title'] + '\n' + abstract_of(fields), max_chars),
+                              '; '.join(terms), metric='set_f1'))
+    return items
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('paths', nargs='*', help='PubMed XML files or folders; none: the inputs listed in data_dir')
+    p.add_argument('--data_dir', required=True, help="prepare.py's output: its split fractions, min_chars and inputs")
+    p.add_argument('--out', default='data/tasks', help='output folder, replaced only by a complete new one')
+    p.add_argument('--max_chars', type=int, default=1500, help="longest document text in a prompt (cut at a sentence)")
+    p.add_argument('--seed', type=int, default=1337, help='distractors, sentences and option order')
+    args = p.parse_args(argv)
+    meta_path = os.path.join(args.data_dir, 'meta.json')
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        settings = meta['settings']
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f'tasks.py: error: {meta_path}: not a prepared dataset ({type(e).__name__}: {e})')
+    if args.paths:
+        files = input_files(args.paths, lambda msg: sys.exit(f'tasks.py: error: {msg}'))
+    else:
+        files = [i['path'] for i in meta.get('inputs', [])] or embedded_corpus()
+        for i in meta.get('inputs', []):  # the very bytes pre-training read, or its splits mean nothing here
+            try:
+                with open(i['path'], 'rb') as f:
+                    sha = hashlib.file_digest(f, 'sha256').hexdigest()
+            except OSError as e:
+                sys.exit(f"tasks.py: error: {i['path']} (an input of {meta_path}): {e.strerror}")
+            if sha != i['sha256']:
+                sys.exit(f"tasks.py: error: {i['path']} changed since {args.data_dir} was prepared (sha256 differs)")
+    docs = read_documents(files, settings['min_chars'])
+    by_split = {'train': {}, 'val': {}, 'test': {}}
+    for doc_id, fields in docs.items():
+        by_split[split_of(doc_id, settings['val_frac'], settings['test_frac'])][doc_id] = fields
+    train_texts = {f['text'] for f in by_split['train'].values()} | {f.get('title') for f in by_split['train'].values()}
+    dropped, counts, splits = Counter(), {}, {}
+    for split, members in by_split.items():
+        if split != 'train':  # nothing of a held-out document may have been trained on, not even a copy
+            leaked = [d for d, f in members.items() if f['text'] in train_texts or f.get('title') in train_texts]
+            dropped['held_out_copy_of_train'] += len(leaked)
+            members = {d: f for d, f in members.items() if d not in leaked}
+        titles = sorted({f['title'] for f in members.values() if f.get('title')})
+        items = []
+        for doc_id, fields in members.items():
+            rng = random.Random(f'{args.seed}:{doc_id}')
+            items += document_items(doc_id, fields, titles, rng, args.max_chars, split != 'train', dropped)
+        splits[split] = items
+        counts[split] = dict(sorted(Counter(i['task'] for i in items).items()))
+    classes = {t: dict(Counter(i['messages'][1]['content'] for i in splits['test'] if i['task'] == t))
+               for t in ('publication_type', 'sentence_section')}
+    out = os.path.abspath(args.out)
+    tmp = f'{out}.tmp-{os.getpid()}'
+    os.makedirs(tmp)
+    try:
+        for split, items in splits.items():
+            with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
+                f.writelines(json.dumps(i, ensure_ascii=False) + '\n' for i in items)
+        with open(os.path.join(tmp, 'counts.json'), 'w') as f:
+            json.dump(dict(items=counts, dropped=dict(dropped), test_classes=classes, max_chars=args.max_chars,
+                           data_dir=args.data_dir), f, indent=2)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print('\n| task | train | val | test |\n|---|---|---|---|')
+    for task in INSTRUCTIONS:
+        print(f"| {task} | " + ' | '.join(f"{counts[s].get(task, 0):,}" for s in ('train', 'val', 'test')) + ' |')
+    print(f"documents: {', '.join(f'{s} {len(m):,}' for s, m in by_split.items())}; dropped: "
+          + (', '.join(f'{k} {v:,}' for k, v in dropped.items()) or 'none') + f'; test classes: {classes}')
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+    main()

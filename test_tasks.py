@@ -1,0 +1,144 @@
+"""tasks.py on synthetic PubMed files: items keep prepare.py's split and record semantics, multiple-choice items
+are well formed, sections and publication types map as documented, output is deterministic, bad input is a
+one-line error. pytest test_tasks.py"""
+import json
+import os
+import random
+
+import pytest
+
+import prepare
+import tasks
+from test_prepare import WORDS, prep, pubmed_set, write
+
+CATEGORIES = [('BACKGROUND', 'BACKGROUND'), ('AIMS', 'OBJECTIVE'), ('METHODS', 'METHODS'), ('FINDINGS', 'RESULTS'),
+              ('CONCLUSIONS', 'CONCLUSIONS')]
+
+
+def prose(rng, sentences=3):
+    return ' '.join(' '.join(rng.choice(WORDS) for _ in range(9)).capitalize() + '.' for _ in range(sentences))
+
+
+def record(pmid, rng, types=('Journal Article',), structured=True, mesh=(), keywords=(), title=None):
+    if structured:
+        abstract = ''.join(f'<AbstractText Label="{label}" NlmCategory="{cat}">{prose(rng)}</AbstractText>'
+                           for label, cat in CATEGORIES)
+    else:
+        abstract = f'<AbstractText>{prose(rng, 5)}</AbstractText>'
+    heads = ''.join(f'<MeshHeading><DescriptorName MajorTopicYN="{major}">{name}</DescriptorName></MeshHeading>'
+                    for name, major in mesh)
+    return (f'<PubmedArticle><MedlineCitation><PMID Version="1">{pmid}</PMID><Article>'
+            f'<ArticleTitle>{title or "Study " + str(pmid) + " of " + rng.choice(WORDS)}</ArticleTitle>'
+            f'<Abstract>{abstract}</Abstract><PublicationTypeList>'
+            + ''.join(f'<PublicationType>{t}</PublicationType>' for t in types) +
+            '</PublicationTypeList></Article>'
+            + (f'<MeshHeadingList>{heads}</MeshHeadingList>' if mesh else '')
+            + (f'<KeywordList>{"".join(f"<Keyword>{k}</Keyword>" for k in keywords)}</KeywordList>' if keywords else '')
+            + '</MedlineCitation></PubmedArticle>\n')
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    """120 articles, one replaced by a later file and one deleted, prepared by prepare.py (val and test 20% each)."""
+    root = tmp_path_factory.mktemp('corpus')
+    rng = random.Random(0)
+    kinds = [('Journal Article', 'Review'), ('Case Reports',), ('Journal Article', 'Randomized Controlled Trial'),
+             ('Journal Article',), ('Editorial',)]
+    first = [record(1000 + i, rng, types=kinds[i % 5], structured=i % 2 == 0,
+                    mesh=[('Diabetes Mellitus', 'Y'), ('Humans', 'N')] if i % 3 == 0 else (),
+                    keywords=['metformin', 'glucose'] if i % 4 == 0 else ()) for i in range(120)]
+    later = [record(1000, rng, title='Replaced title of the first study'),
+             '<DeleteCitation><PMID Version="1">1001</PMID></DeleteCitation>\n']
+    inputs = root / 'in'
+    inputs.mkdir()
+    write(inputs / 'pubmed20n0001.xml', pubmed_set(*first))
+    write(inputs / 'pubmed21n0002.xml', pubmed_set(*later))
+    data = str(root / 'data')
+    prep(inputs, '--out', data, '--vocab_size', '300', '--min_chars', '20', '--workers', '1',
+         '--val_frac', '0.2', '--test_frac', '0.2')
+    out = str(root / 'tasks')
+    tasks.main(['--data_dir', data, '--out', out])
+    items = {s: [json.loads(l) for l in open(os.path.join(out, f'{s}.jsonl'))] for s in ('train', 'val', 'test')}
+    return dict(data=data, out=out, items=items, inputs=str(inputs))
+
+
+def test_every_item_comes_from_a_document_prepare_put_in_the_same_split(corpus):
+    meta = json.load(open(os.path.join(corpus['data'], 'meta.json')))
+    split_docs = {s: meta['splits'][s]['docs'] for s in ('train', 'val', 'test')}
+    for split, items in corpus['items'].items():
+        assert items, split
+        for i in items:
+            assert prepare.split_of(i['doc_id'], 0.2, 0.2) == split
+    held_out = {i['doc_id'] for s in ('val', 'test') for i in corpus['items'][s]}
+    assert not held_out & {i['doc_id'] for i in corpus['items']['train']}
+    documents = {s: len({i['doc_id'] for i in corpus['items'][s] if i['task'] == 'title'}) for s in split_docs}
+    assert documents == split_docs  # every kept document, and only those, has its title item
+
+
+def test_a_later_version_replaces_the_record_and_a_deletion_leaves_no_items(corpus):
+    items = [i for s in corpus['items'].values() for i in s]
+    assert not [i for i in items if i['doc_id'] == 'pmid:1001']
+    titles = [i['messages'][1]['content'] for i in items if i['doc_id'] == 'pmid:1000' and i['task'] == 'title']
+    assert titles == ['Replaced title of the first study']
+
+
+def test_multiple_choice_items_are_well_formed_with_distractors_from_the_same_split(corpus):
+    for split, items in corpus['items'].items():
+        titles = {i['messages'][1]['content'] for i in items if i['task'] == 'title'}
+        for i in items:
+            if 'options' in i:
+                assert i['messages'][1]['content'] == i['options'][i['answer']]
+                assert len(set(i['options'])) == len(i['options']) == 4
+            if i['task'] == 'title_choice':
+                assert set(i['options']) <= titles  # distractors are titles of this split's documents
+            else:
+                assert 'metric' in i or 'options' in i
+
+
+def test_sections_map_from_nlm_category_and_publication_types_by_precedence(corpus):
+    items = [i for s in corpus['items'].values() for i in s]
+    sections = {i['messages'][1]['content'] for i in items if i['task'] == 'sentence_section'}
+    assert sections == {'background', 'methods', 'results', 'conclusions'}  # AIMS/OBJECTIVE is background
+    kinds = {int(i['doc_id'][5:]) % 5: i['messages'][1]['content'] for i in items if i['task'] == 'publication_type'}
+    assert kinds == {0: 'review', 1: 'case report', 2: 'clinical trial', 3: 'research article'}  # 4: an editorial
+    assert tasks.publication_type(['Review', 'Case Reports']) == 'case report'
+    assert tasks.publication_type(['Clinical Trial, Phase II', 'Review']) == 'clinical trial'
+    mesh = {i['messages'][1]['content'] for i in items if i['task'] == 'mesh_topics'}
+    assert mesh == {'Diabetes Mellitus'}  # major topics only
+    held_out_sections = [i for s in ('val', 'test') for i in corpus['items'][s] if i['task'] == 'sentence_section']
+    per_doc = {}
+    for i in held_out_sections:
+        per_doc.setdefault(i['doc_id'], []).append(i['messages'][1]['content'])
+    assert all(sorted(v) == sorted(set(v)) for v in per_doc.values())  # one sentence per section per document
+
+
+def test_max_chars_clips_prompts_at_sentence_boundaries_and_output_is_deterministic(corpus, tmp_path):
+    out = str(tmp_path / 'short')
+    tasks.main(['--data_dir', corpus['data'], '--out', out, '--max_chars', '150'])
+    for line in open(os.path.join(out, 'test.jsonl')):
+        i = json.loads(line)
+        text = i['messages'][0]['content'].split('\n\n', 1)[1]
+        assert len(text) <= 150 and (text.endswith('.') or i['task'] == 'conclusions')
+    again = str(tmp_path / 'again')
+    tasks.main(['--data_dir', corpus['data'], '--out', again, '--max_chars', '150'])
+    for name in ('train.jsonl', 'val.jsonl', 'test.jsonl', 'counts.json'):
+        a, b = open(os.path.join(out, name)).read(), open(os.path.join(again, name)).read()
+        assert a == b or name == 'counts.json' and json.loads(a)['items'] == json.loads(b)['items']
+
+
+def test_a_changed_input_or_a_missing_dataset_is_a_one_line_error(corpus, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        tasks.main(['--data_dir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'o')])
+    assert 'meta.json' in str(e.value.code) and '\n' not in str(e.value.code)
+    data = tmp_path / 'data'
+    meta = json.load(open(os.path.join(corpus['data'], 'meta.json')))
+    changed = tmp_path / 'pubmed20n0001.xml'
+    changed.write_text(open(meta['inputs'][0]['path']).read().replace('Study', 'Trial'))
+    meta['inputs'][0]['path'] = str(changed)
+    data.mkdir()
+    (data / 'meta.json').write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        tasks.main(['--data_dir', str(data), '--out', str(tmp_path / 'o')])
+    message = str(e.value.code)
+    print(message)
+    assert str(changed) in message and 'changed' in message and not os.path.exists(tmp_path / 'o')

@@ -86,6 +86,22 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def gpt2_gguf(tmp_path_factory):
+    """A GGUF of a one-layer model on GPT-2's vocabulary grown by the 4 chat tokens, and its data folder."""
+    folder = str(tmp_path_factory.mktemp('gpt2'))
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump(dict(tokenizer='gpt2', vocab_size=50257, dtype='uint16', eos_id=50256, bos_id=50256, pad_id=None,
+                       unk_id=None, tokenizer_file=None, splits={}), f)
+    model = GPT(GPTConfig(**{**BASE, 'n_layer': 1, 'n_embd': 32}, vocab_size=50257 + len(CHAT_TOKENS)))
+    from safetensors.torch import save_model
+    save_model(model, os.path.join(folder, 'model.safetensors'))
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(dataclasses.asdict(model.config), f)
+    run('export.py', f'--out_dir={folder}', '--format=gguf')
+    return folder, os.path.join(folder, 'model-f32.gguf')
+
+
+@pytest.fixture(scope='module')
 def model(model_dir):
     from model import load_model
     return load_model(model_dir).eval()
@@ -174,17 +190,32 @@ def test_gguf_declares_llama_architecture_tokenizer_and_chat_template(model, mod
     assert n == model.get_num_params(), f'{n} parameters in the file, {model.get_num_params()} in the model'
 
 
-def test_gguf_tokens_and_merges_encode_like_our_tokenizer(model_dir, gguf_files):
-    # rebuild a byte-level BPE from nothing but the file's token list and merges: it must split text as ours does
+def rebuilt_tokenizer(keys):
+    # a byte-level BPE from nothing but a GGUF's token list and merges, split by the GPT-2 regex it declares
     from tokenizers import Tokenizer, models, pre_tokenizers
-    keys, _ = read_gguf(gguf_files['f32'])
     tokens, types = keys['tokenizer.ggml.tokens'], keys['tokenizer.ggml.token_type']
     vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == gguf.TokenType.NORMAL}
     rebuilt = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(' ')) for m in keys['tokenizer.ggml.merges']]))
     rebuilt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok = load_tokenizer(model_dir)
+    return rebuilt
+
+
+def test_gguf_tokens_and_merges_encode_like_our_tokenizer(model_dir, gguf_files):
+    rebuilt, tok = rebuilt_tokenizer(read_gguf(gguf_files['f32'])[0]), load_tokenizer(model_dir)
     for text in TEXTS:
         assert rebuilt.encode(text).ids == tok.encode(text), text
+
+
+def test_gguf_of_a_gpt2_vocabulary_model_has_its_tokens_merges_and_chat_tokens(gpt2_gguf):
+    folder, path = gpt2_gguf
+    reader = gguf.GGUFReader(path)
+    keys = {k: f.contents() for k, f in reader.fields.items() if k.startswith('tokenizer.')}
+    tokens, types = keys['tokenizer.ggml.tokens'], keys['tokenizer.ggml.token_type']
+    assert len(tokens) == 50261 and len(keys['tokenizer.ggml.merges']) == 50000
+    assert tokens[50256:] == ['<|endoftext|>'] + CHAT_TOKENS and set(types[50256:]) == {gguf.TokenType.CONTROL}
+    assert keys['tokenizer.ggml.eos_token_id'] == 50256 and keys['tokenizer.ggml.pre'] == 'gpt-2'
+    # the merges are export.gpt2_vocab()'s, which test_sample_eval_export.py checks against tiktoken
+    assert keys['tokenizer.ggml.merges'][:2] == ['Ġ t', 'Ġ a'] and tokens[:3] == ['!', '"', '#']
 
 
 def test_gguf_forward_in_llama_cpp_layout_gives_our_logits(model, gguf_files):
@@ -252,6 +283,14 @@ def test_llama_cpp_tokenizes_medical_text_as_we_do(model_dir, gguf_files):
     assert llm.tokenize(b'Aspirin', add_bos=True) == [3] + tok.encode('Aspirin')  # EOS first, as sample.py
     chat = '<|user|>Is aspirin an NSAID?<|end|><|assistant|>'  # chat tokens are one id each when asked to be
     assert llm.tokenize(chat.encode(), add_bos=False, special=True)[:1] == [tok.chat['user']]
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_like_tiktoken_gpt2(gpt2_gguf):
+    folder, path = gpt2_gguf
+    llm, tok = load_llama_cpp(path), load_tokenizer(folder)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text), text
 
 
 @needs_llama_cpp

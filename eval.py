@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import load_checkpoint, load_model
+from model import load_checkpoint, load_model, quantize_int8
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -42,6 +42,7 @@ out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = False         # torch.compile the scoring
+quantize = ''           # 'int8': score the int8-weight model that sample.py --quantize=int8 runs (model.quantize_int8)
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -55,6 +56,10 @@ if ptdtype is None:
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 model = load_model(out_dir, device).eval()
+if quantize not in ('', 'int8'):
+    sys.exit(f"error: --quantize must be '' or 'int8', got {quantize!r}")
+if quantize:
+    quantize_int8(model)
 block_size = model.config.block_size
 
 
@@ -185,7 +190,7 @@ with torch.no_grad(), ctx:
                        bits_per_byte=total / math.log(2) / info['bytes'])
         header = (f'{folder} {split}: {n:,} tokens, {info["bytes"]:,} bytes, '
                   f'{len(windows)} windows of {L} (stride {step})')
-        report = dict(out_dir=out_dir, data_dir=folder, split=split, tokens=n, bytes=info['bytes'],
+        report = dict(out_dir=out_dir, quantize=quantize, data_dir=folder, split=split, tokens=n, bytes=info['bytes'],
                       windows=len(windows), block_size=block_size, stride=step, **summary)
         default_out = f'eval_{split}.json'
 

@@ -88,7 +88,13 @@ class KVCache(nn.Module):
         self.register_buffer('v', torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, pos, k, v):
-        # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1
+        # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1; a decode step
+        # (pos a (1,) tensor) gets the whole cache instead: one shape at every position, so a compiled step never
+        # recompiles (the slots past pos are masked)
+        if torch.is_tensor(pos):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
         end = pos + k.size(2)
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -115,7 +121,9 @@ class Attention(nn.Module):
         mask, causal = None, True
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
-            if pos > 0:  # queries at pos..pos+T-1 see every cached key up to their own position
+            if torch.is_tensor(pos):
+                mask, causal = torch.arange(k.size(2), device=x.device)[None] <= pos[:, None], False  # (1, max_len)
+            elif pos > 0:  # queries at pos..pos+T-1 see every cached key up to their own position
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
@@ -232,16 +240,18 @@ class GPT(nn.Module):
         return n
 
     def hidden(self, idx, pos=0):
-        """Final-normed hidden states (B, T, n_embd) of tokens idx at positions pos..pos+T-1."""
+        """Final-normed hidden states (B, T, n_embd) of tokens idx at positions pos..pos+T-1 (pos an int, or for
+        a decode step with the KV cache, a (1,) tensor)."""
         B, T = idx.size()
-        if pos + T > self.config.block_size:
+        positions = pos if torch.is_tensor(pos) else torch.arange(pos, pos + T, device=idx.device)
+        if not torch.is_tensor(pos) and pos + T > self.config.block_size:  # stream() checks a decode's bounds
             raise ValueError(f'sequence of {pos + T} tokens exceeds block_size {self.config.block_size}')
         x = self.tok_embeddings(idx)
         rope = None
         if self.config.pos_embedding == 'learned':
-            x = x + self.pos_embeddings(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.pos_embeddings(positions)
         else:
-            rope = self.rope[pos:pos + T]
+            rope = self.rope[positions]
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, rope, pos)
@@ -322,7 +332,7 @@ class GPT(nn.Module):
                 yield next_token
                 if (eos_id is not None and done.all()) or pos == T + max_new_tokens - 1:
                     break
-                logits, _ = self(next_token[:, None], pos=pos)
+                logits, _ = self(next_token[:, None], pos=torch.tensor([pos], device=idx.device))
         finally:
             self.clear_caches()
 

@@ -5,6 +5,11 @@ and data preparation, each with its peak memory. Prints one table and writes it 
     python bench.py                                  # everything; compile and bf16 take a while on a CPU
     python bench.py --compile=False --bf16=off     # the quick run: 2-3 minutes on 2 idle cores
     python bench.py --config_file=config/tiny_cpu.py --batch_size=16 --n_layer=2
+    python bench.py --train=False --generate=False --data=False   # decoding only: ours against llama.cpp
+
+Decoding (batch 1, greedy) runs our float32, int8 and compiled float32 models and, when llama-cpp-python is
+installed, llama.cpp on GGUFs export.py writes from the same weights (f32 and q8_0), at 1 and 2 threads: tokens/s,
+the ratio to llama.cpp at the same precision, the bytes of weights a token reads and the GB/s that makes.
 
 Both sides get the same shape, weights and batch: ours is copied into LlamaForCausalLM (attn_implementation
 'sdpa'), and the two losses are checked equal first. Timings are medians over repetitions after warm-up, with
@@ -28,11 +33,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import fields
 
+import numpy as np
 import torch
 
 import prepare
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Int8Linear, quantize_int8
 
 # -----------------------------------------------------------------------------
 config_file = 'config/healthslm_15m.py'  # model shape: the file's GPTConfig keys (its training keys are ignored)
@@ -47,7 +53,9 @@ bf16_reps = 3           # ... timed this many times: on CPUs without bf16 units 
 train = True            # the sections to run
 generate = True
 data = True
-prompt_len = 64         # generation: greedy, batch 1
+decode = True           # batch-1 decoding: ours (float32, int8, compiled) against llama.cpp (f32, q8_0 GGUF)
+decode_threads = (1, 2) # ... at each of these thread counts
+prompt_len = 32         # generation: greedy, batch 1
 new_tokens = 128
 data_tokenizer = 'bpe'  # prepare.py --tokenizer for the data section ('bpe' trains an 8192-token BPE first)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -156,7 +164,7 @@ def row(item, ours, theirs=None, mfu=(None, None), mb=(None, None)):
                      mfu_theirs=mfu[1], mb_ours=mb[0], mb_theirs=mb[1]))
 
 
-peaks, notes, tokens = {}, [], batch_size * seq_len
+peaks, notes, tokens, decode_rows = {}, [], batch_size * seq_len, []
 if train:
     x, y = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), device=device)
     with torch.no_grad():
@@ -229,6 +237,83 @@ if generate:
         row('generate eager, no cache', new_tokens / interleaved({0: no_cache}, 1)[0], mb=(mb, None))
     del fns
 
+if decode:
+    # Batch-1 greedy decoding, the same weights in every runtime. A token reads every weight matrix once, so
+    # bytes read per token x tokens/s, against the machine's memory bandwidth, shows what is left to gain.
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+        notes.append('llama.cpp rows skipped: pip install llama-cpp-python==0.3.36 (it compiles llama.cpp) adds them')
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+    eager = copy.deepcopy(model).eval()
+    int8 = quantize_int8(copy.deepcopy(model).eval())
+    compiled = copy.deepcopy(model).eval()
+    compiled.forward = torch.compile(compiled.forward)  # decode steps have one shape (static cache): one graph
+    matrices = [m.weight for m in eager.modules() if isinstance(m, torch.nn.Linear)]  # the head once, if tied
+    weight_bytes = {'float32': 4 * sum(w.numel() for w in matrices),
+                    'int8': sum(m.weight.numel() + 4 * m.scale.numel() for m in int8.modules()
+                                if isinstance(m, Int8Linear)),
+                    'f32': 4 * sum(w.numel() for w in matrices), 'q8_0': 34 * sum(w.numel() for w in matrices) // 32}
+    fns = {'medslm float32': lambda: eager.generate(prompt, new_tokens, temperature=0),
+           'medslm int8': lambda: int8.generate(prompt, new_tokens, temperature=0)}
+    if compile:
+        fns['medslm compiled float32'] = lambda: compiled.generate(prompt, new_tokens, temperature=0)
+    llms = {}
+    if llama_cpp is not None:
+        # export.py needs a tokenizer: a small BPE, its ids padded to the model's vocab_size with unused tokens
+        tmp = tempfile.mkdtemp()
+        tok = prepare.train_bpe(['Metformin lowers hepatic glucose output in type 2 diabetes.'] * 4, 300)
+        tok.save(os.path.join(tmp, 'tokenizer.json'))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(dict(tokenizer='bpe', vocab_size=cfg.vocab_size, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                           tokenizer_file='tokenizer.json', splits={}), f)
+        from safetensors.torch import save_model
+        save_model(model, os.path.join(tmp, 'model.safetensors'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump({fl.name: getattr(cfg, fl.name) for fl in fields(GPTConfig)}, f)
+        for outtype in ('f32', 'q8_0'):
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'export.py'), f'--out_dir={tmp}',
+                            '--format=gguf', f'--outtype={outtype}'], check=True, stdout=subprocess.DEVNULL)
+            llms[outtype] = os.path.join(tmp, f'model-{outtype}.gguf')
+
+    def llama_cpp_generate(llm):
+        # llama.cpp's own decode loop, greedy on its logits: one llama_decode call per token
+        llm.reset()
+        llm.eval(prompt[0].tolist())
+        out = []
+        for _ in range(new_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(cfg.vocab_size,))
+            out.append(int(logits.argmax()))
+            if len(out) < new_tokens:
+                llm.eval(out[-1:])
+        return out
+
+    big = torch.ones(2**26)  # 256 MB, well past the caches: a read of it measures memory bandwidth
+    for n_threads in decode_threads:
+        torch.set_num_threads(n_threads)
+        runs = dict(fns)
+        for outtype, path in llms.items():
+            llm = llama_cpp.Llama(path, n_ctx=prompt_len + new_tokens, n_threads=n_threads,
+                                  n_threads_batch=n_threads, verbose=False)
+            runs[f'llama.cpp {outtype}'] = lambda llm=llm: llama_cpp_generate(llm)
+        with torch.no_grad():
+            for fn in runs.values():
+                warm(fn, warmup)
+            dt = interleaved(runs, reps)
+            bandwidth = 4 * big.numel() / min(interleaved({i: big.sum for i in range(3)}, 1).values())
+        # each of ours against llama.cpp at the same precision
+        same = {'medslm float32': 'llama.cpp f32', 'medslm compiled float32': 'llama.cpp f32',
+                'medslm int8': 'llama.cpp q8_0'}
+        for k in runs:
+            kind, rate = k.split()[-1], new_tokens / dt[k]
+            decode_rows.append(dict(runtime=k, threads=n_threads, tokens_per_s=rate,
+                                    vs_llama_cpp=rate * dt[same[k]] / new_tokens if same.get(k) in runs else None,
+                                    mb_per_token=weight_bytes[kind] / 1e6, gb_per_s=weight_bytes[kind] * rate / 1e9,
+                                    bandwidth_gb_per_s=bandwidth / 1e9))
+    torch.set_num_threads(threads or os.cpu_count())
+    del fns, runs, llms
+
 if data:
     # prepare.py end to end on the embedded corpus less its largest file. It times the bare tokenizer's batch encode
     # on the very batches it encodes, so both rates share the machine's load. A subprocess: its workers import
@@ -259,10 +344,16 @@ print(f"medslm vs transformers {env['transformers']} (torch {env['torch']}) on {
       + 'MFU against the peak matmul: ' + (', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peaks.items()) or '-'))
 cell = lambda v, f: '-' if v is None else format(v, f)
 print(f"\n{'tokens/s':28} {'medslm':>9} {'transformers':>12} {'ratio':>6} {'MFU':>13} {'peak MB':>11}")
-for r in rows:
+for r in rows:  # (an empty table when only the decode section ran)
     print(f"{r['item']:28} {cell(r['ours'], ',.0f'):>9} {cell(r['theirs'], ',.0f'):>12} {cell(r['ratio'], '.2f'):>6} "
           f"{cell(r['mfu_ours'], '.1%'):>6} {cell(r['mfu_theirs'], '.1%'):>6} {cell(r['mb_ours'], 'd'):>5} "
           f"{cell(r['mb_theirs'], 'd'):>5}")
+if decode_rows:
+    print(f"\n{'decoding, batch 1, greedy':28} {'threads':>7} {'tokens/s':>9} {'vs llama.cpp':>12} {'MB/token':>9} "
+          f"{'GB/s':>5} {'of memory bw':>12}")
+    for r in decode_rows:
+        print(f"{r['runtime']:28} {r['threads']:>7} {r['tokens_per_s']:>9,.0f} {cell(r['vs_llama_cpp'], '.2f'):>12} "
+              f"{r['mb_per_token']:>9.1f} {r['gb_per_s']:>5.1f} {r['gb_per_s'] / r['bandwidth_gb_per_s']:>12.0%}")
 print('\n' + '\n'.join(notes))
 with open(out, 'w') as f:
-    json.dump(dict(env, rows=rows, notes=notes), f, indent=2)
+    json.dump(dict(env, rows=rows, decode=decode_rows, notes=notes), f, indent=2)

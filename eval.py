@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from chat import read_conversations, render, require_chat
-from model import load_checkpoint, load_model, tokenizer_folder
+from model import load_checkpoint, load_model, quantize_int8, tokenizer_folder
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -56,6 +56,7 @@ out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = False         # torch.compile the scoring
+quantize = ''           # 'int8': score the int8-weight model that sample.py --quantize=int8 runs (model.quantize_int8)
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -70,6 +71,10 @@ if ptdtype is None:
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 model = load_model(out_dir, device).eval()
+if quantize not in ('', 'int8'):
+    sys.exit(f"error: --quantize must be '' or 'int8', got {quantize!r}")
+if quantize:
+    quantize_int8(model)
 block_size = model.config.block_size
 
 
@@ -305,7 +310,7 @@ with torch.no_grad(), ctx:
                        bits_per_byte=total / math.log(2) / info['bytes'])
         header = (f'{folder} {split}: {n:,} tokens, {info["bytes"]:,} bytes, '
                   f'{len(windows)} windows of {L} (stride {step})')
-        report = dict(out_dir=out_dir, data_dir=folder, split=split, tokens=n, bytes=info['bytes'],
+        report = dict(out_dir=out_dir, quantize=quantize, data_dir=folder, split=split, tokens=n, bytes=info['bytes'],
                       windows=len(windows), block_size=block_size, stride=step, **summary)
         default_out = f'eval_{split}.json'
 

@@ -3,12 +3,18 @@ Exports a medslm model so other tools can load it without our code:
 
     python export.py --out_dir=out-tiny --format=hf           # -> out-tiny/hf
     python export.py --out_dir=out-tiny --format=safetensors  # -> out-tiny/safetensors
+    python export.py --out_dir=out-tiny --format=gguf --outtype=q8_0  # -> out-tiny/model-q8_0.gguf
 
 --format=hf writes a Hugging Face folder that transformers' AutoModelForCausalLM and AutoTokenizer load with no
 custom code: the modern block (RMSNorm, RoPE, SwiGLU) as LlamaForCausalLM, the classic block (LayerNorm,
 learned positions, GELU) as GPT2LMHeadModel, plus the tokenizer. --format=safetensors writes the plain folder
 train.py exports (model.safetensors, config.json, meta.json, tokenizer.json), which sample.py and eval.py read.
-The files are written by hand (json + safetensors): transformers is not needed here.
+--format=gguf writes one file for llama.cpp (and Ollama, LM Studio, which run it): the modern block as its
+`llama` architecture, the tokenizer with its GPT-2 pre-tokenizer declared, the special and chat tokens and the
+chat template; f32, bf16 or q8_0 (what llama.cpp's convert_hf_to_gguf.py offers). llama.cpp's own converter
+cannot take our --format=hf folder: it recognises pre-tokenizers by a hash of known vocabularies, and ours is new.
+The files are written by hand (json + safetensors, gguf through llama.cpp's gguf package): transformers is not
+needed here.
 """
 import dataclasses
 import json
@@ -17,6 +23,7 @@ import shutil
 import sys
 import tempfile
 
+import gguf
 import torch
 from safetensors.torch import save_file, save_model
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -28,12 +35,11 @@ from prepare import CHAT_TOKENS, gpt2_encoding, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors) to export
-format = 'hf'           # 'hf' (transformers: Llama or GPT-2 layout) | 'safetensors' (medslm's own folder)
-export_dir = ''         # where to write; '' means out_dir/<format>. Replaced whole if it exists
+format = 'hf'           # 'hf' (transformers: Llama or GPT-2 layout) | 'safetensors' (medslm's own folder) | 'gguf'
+outtype = 'f32'         # gguf weights: 'f32' (lossless) | 'bf16' | 'q8_0' (int8 blocks of 32: what users run); norms stay f32
+export_dir = ''         # where to write; '' means out_dir/<format> (gguf: out_dir/model-<outtype>.gguf). Replaced if it exists
 # -----------------------------------------------------------------------------
 configure(globals())
-
-
 
 
 def llama(model):
@@ -103,9 +109,9 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def gpt2_tokenizer(path, chat):
-    """GPT-2's tokenizer.json (+ vocab.json, merges.txt) rebuilt from the tiktoken ranks prepare.py encodes with.
-    tiktoken keeps only ranks; the merge that made a token is what BPE restricted to lower ranks leaves it as."""
+def gpt2_vocab():
+    """GPT-2's vocabulary (byte-level spelling -> id) and merges, rebuilt from the tiktoken ranks prepare.py encodes
+    with. tiktoken keeps only ranks; the merge that made a token is what BPE restricted to lower ranks leaves it as."""
     ranks = gpt2_encoding()._mergeable_ranks
     byte_char = bytes_to_unicode()
     spell = lambda token: ''.join(byte_char[b] for b in token)
@@ -119,7 +125,12 @@ def gpt2_tokenizer(path, chat):
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) == 2:
             merges.append((spell(parts[0]), spell(parts[1])))
-    vocab = {spell(token): rank for token, rank in ranks.items()}
+    return {spell(token): rank for token, rank in ranks.items()}, merges
+
+
+def gpt2_tokenizer(path, chat):
+    """GPT-2's tokenizer.json (+ vocab.json, merges.txt), from gpt2_vocab(); with chat, the chat tokens too."""
+    vocab, merges = gpt2_vocab()
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
     tok.decoder = decoders.ByteLevel()
@@ -133,8 +144,108 @@ def gpt2_tokenizer(path, chat):
         f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
 
 
-if format not in ('hf', 'safetensors'):
-    sys.exit(f"error: --format must be 'hf' or 'safetensors', got {format!r}")
+def gguf_tensors(model):
+    """llama()'s tensors under llama.cpp's names. Its `llama` architecture rotates adjacent pairs (x[2i], x[2i+1]),
+    ours and Hugging Face's the halves (x[i], x[i + hd/2]): the rows of q and k are reordered per head so that
+    each pair sits side by side, as convert_hf_to_gguf.py does. q.k scores and so the outputs are unchanged."""
+    cfg = model.config
+
+    def interleave(w, n_head):  # per head: rows [0, hd/2, 1, hd/2 + 1, ...]
+        return w.reshape(n_head, 2, cfg.head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+    names = {'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm', 'self_attn.q_proj': 'attn_q',
+             'self_attn.k_proj': 'attn_k', 'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+             'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
+    t = {}
+    for name, w in llama(model)[1].items():
+        if name.startswith('model.layers.'):
+            i, rest = name[len('model.layers.'):].split('.', 1)
+            module, kind = rest.rsplit('.', 1)
+            if module == 'self_attn.q_proj':
+                w = interleave(w, cfg.n_head)
+            elif module == 'self_attn.k_proj':
+                w = interleave(w, cfg.n_kv_head)
+            name = f'blk.{i}.{names[module]}.{kind}'
+        else:
+            name = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
+                    'lm_head.weight': 'output.weight'}[name]
+        t[name] = w.detach().float().contiguous()
+    return t  # a tied head has no output.weight: llama.cpp then uses token_embd
+
+
+def gguf_vocab(meta, tok_dir, vocab_size):
+    """(tokens, token types, merges) as llama.cpp's `gpt2` tokenizer model reads them: byte-level spelled tokens,
+    the special and chat tokens as CONTROL (never produced from text, skipped in detokenization unless asked),
+    ids the tokenizer does not use, up to the model's vocab_size, as UNUSED [PAD<id>] placeholders."""
+    T = gguf.TokenType
+    if meta['tokenizer'] == 'gpt2':
+        vocab, merges = gpt2_vocab()
+        special = {v: k for k, v in gpt2_encoding()._special_tokens.items()}  # <|endoftext|> and chat tokens
+    else:
+        with open(os.path.join(tok_dir, meta['tokenizer_file']), encoding='utf-8') as f:
+            spec = json.load(f)
+        vocab = spec['model']['vocab']
+        merges = [m.split(' ', 1) if isinstance(m, str) else m for m in spec['model']['merges']]
+        special = {t['id']: t['content'] for t in spec['added_tokens']}
+    tokens, types = [f'[PAD{i}]' for i in range(vocab_size)], [T.UNUSED] * vocab_size
+    for token, i in vocab.items():
+        if i < vocab_size:
+            tokens[i], types[i] = token, T.NORMAL
+    for i, token in special.items():
+        if i < vocab_size:
+            tokens[i], types[i] = token, T.CONTROL
+    return tokens, types, [f'{a} {b}' for a, b in merges]
+
+
+def write_gguf(path, model, meta, tok_dir, outtype, name):
+    cfg = model.config
+    w = gguf.GGUFWriter(path, 'llama')
+    w.add_name(name)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type({'f32': gguf.LlamaFileType.ALL_F32, 'bf16': gguf.LlamaFileType.MOSTLY_BF16,
+                     'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges = gguf_vocab(meta, tok_dir, cfg.vocab_size)
+    w.add_tokenizer_model('gpt2')  # byte-level BPE with merges
+    w.add_tokenizer_pre('gpt-2')   # GPT-2's split regex, which our ByteLevel pre-tokenizer and tiktoken's GPT-2 use
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    # Every training document follows an EOS, so EOS is our BOS: llama.cpp then starts a plain prompt with it, as
+    # sample.py does (a chat prompt too, where sample.py --chat starts at <|system|> or <|user|>)
+    w.add_bos_token_id(meta['eos_id'])
+    w.add_add_bos_token(True)
+    w.add_eos_token_id(meta['eos_id'])
+    w.add_add_eos_token(False)
+    for key in ('unk', 'pad'):
+        if meta.get(f'{key}_id') is not None:
+            getattr(w, f'add_{key}_token_id')(meta[f'{key}_id'])
+    w.add_chat_template(CHAT_TEMPLATE)
+    Q = gguf.GGMLQuantizationType
+    for tname, t in gguf_tensors(model).items():
+        qtype = {'f32': Q.F32, 'bf16': Q.BF16, 'q8_0': Q.Q8_0}[outtype] if t.dim() == 2 else Q.F32  # norms: f32
+        if qtype == Q.Q8_0 and t.size(1) % 32:  # q8_0 blocks run along rows, 32 at a time (the converter: f16)
+            qtype = Q.F32
+        w.add_tensor(tname, gguf.quants.quantize(t.numpy(), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+if format not in ('hf', 'safetensors', 'gguf'):
+    sys.exit(f"error: --format must be 'hf', 'safetensors' or 'gguf', got {format!r}")
+if outtype not in ('f32', 'bf16', 'q8_0'):
+    sys.exit(f"error: --outtype must be 'f32', 'bf16' or 'q8_0', got {outtype!r}")
 if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
     sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
 model = load_model(out_dir, 'cpu').float()
@@ -150,8 +261,11 @@ if format == 'hf' and not (modern or classic):
     sys.exit(f'error: norm={cfg.norm} pos_embedding={cfg.pos_embedding} mlp={cfg.mlp} n_kv_head={cfg.n_kv_head} '
              f'matches neither Llama (rmsnorm, rope, swiglu) nor GPT-2 (layernorm, learned, gelu, no GQA); '
              f'use --format=safetensors')
+if format == 'gguf' and not modern:
+    sys.exit(f'error: --format=gguf writes llama.cpp\'s llama architecture: it needs norm=rmsnorm, pos_embedding=rope '
+             f'and mlp=swiglu, this model has {cfg.norm}, {cfg.pos_embedding}, {cfg.mlp}')
 
-dst = export_dir or os.path.join(out_dir, format)
+dst = export_dir or os.path.join(out_dir, f'model-{outtype}.gguf' if format == 'gguf' else format)
 # written to a temporary folder beside dst and renamed, so dst is never half-written
 os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
 tmp = tempfile.mkdtemp(prefix='.export-', dir=os.path.dirname(os.path.abspath(dst)))
@@ -170,6 +284,9 @@ try:
             training = {k: ckpt.get(k) for k in ('config', 'iter_num', 'data_dir')}  # as train.py's export
             with open(os.path.join(tmp, 'training_config.json'), 'w') as f:
                 json.dump(training, f, indent=2)
+    elif format == 'gguf':
+        write_gguf(os.path.join(tmp, 'model.gguf'), model, meta, tok_dir, outtype,
+                   os.path.basename(os.path.abspath(out_dir)))
     else:
         config, tensors = (llama if modern else gpt2)(model)
         chat_ids = load_tokenizer(tok_dir).chat  # None: a vocabulary from before the chat tokens
@@ -203,12 +320,17 @@ try:
         # copies: safetensors refuses tensors that share storage (the q, k, v views of wqkv) or are transposed
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.join(tmp, 'model.safetensors'),
                   metadata={'format': 'pt'})
-    if os.path.exists(dst):
-        os.rename(dst, tmp + '.old')
-    os.rename(tmp, dst)
-    shutil.rmtree(tmp + '.old', ignore_errors=True)
+    if format == 'gguf':  # one file, which replaces dst in one step
+        os.replace(os.path.join(tmp, 'model.gguf'), dst)
+        os.rmdir(tmp)
+    else:
+        if os.path.exists(dst):
+            os.rename(dst, tmp + '.old')
+        os.rename(tmp, dst)
+        shutil.rmtree(tmp + '.old', ignore_errors=True)
 except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-layout = {'safetensors': 'medslm', 'hf': 'LlamaForCausalLM' if modern else 'GPT2LMHeadModel'}[format]
+layout = {'safetensors': 'medslm', 'hf': 'LlamaForCausalLM' if modern else 'GPT2LMHeadModel',
+          'gguf': f'llama.cpp llama, {outtype}'}[format]
 print(f'wrote {dst} ({layout}, {model.get_num_params():,} parameters, tokenizer {meta["tokenizer"]})')

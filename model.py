@@ -14,6 +14,7 @@ weights map one-to-one onto Hugging Face's Llama and GPT-2 layouts (see export.p
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -87,7 +88,13 @@ class KVCache(nn.Module):
         self.register_buffer('v', torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, pos, k, v):
-        # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1
+        # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1; a decode step
+        # (pos a (1,) tensor) gets the whole cache instead: one shape at every position, so a compiled step never
+        # recompiles (the slots past pos are masked)
+        if torch.is_tensor(pos):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
         end = pos + k.size(2)
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -114,7 +121,9 @@ class Attention(nn.Module):
         mask, causal = None, True
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
-            if pos > 0:  # queries at pos..pos+T-1 see every cached key up to their own position
+            if torch.is_tensor(pos):
+                mask, causal = torch.arange(k.size(2), device=x.device)[None] <= pos[:, None], False  # (1, max_len)
+            elif pos > 0:  # queries at pos..pos+T-1 see every cached key up to their own position
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
@@ -231,16 +240,18 @@ class GPT(nn.Module):
         return n
 
     def hidden(self, idx, pos=0):
-        """Final-normed hidden states (B, T, n_embd) of tokens idx at positions pos..pos+T-1."""
+        """Final-normed hidden states (B, T, n_embd) of tokens idx at positions pos..pos+T-1 (pos an int, or for
+        a decode step with the KV cache, a (1,) tensor)."""
         B, T = idx.size()
-        if pos + T > self.config.block_size:
+        positions = pos if torch.is_tensor(pos) else torch.arange(pos, pos + T, device=idx.device)
+        if not torch.is_tensor(pos) and pos + T > self.config.block_size:  # stream() checks a decode's bounds
             raise ValueError(f'sequence of {pos + T} tokens exceeds block_size {self.config.block_size}')
         x = self.tok_embeddings(idx)
         rope = None
         if self.config.pos_embedding == 'learned':
-            x = x + self.pos_embeddings(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.pos_embeddings(positions)
         else:
-            rope = self.rope[pos:pos + T]
+            rope = self.rope[positions]
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, rope, pos)
@@ -288,10 +299,10 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
-        dtype = self.output.weight.dtype
+        dtype = self.tok_embeddings.weight.dtype  # not the head's: an int8 head (quantize_int8) holds int8
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head,
-                                               self.config.head_dim, dtype).to(self.output.weight.device)
+                                               self.config.head_dim, dtype).to(self.tok_embeddings.weight.device)
 
     def clear_caches(self):
         for module in self.modules():
@@ -321,7 +332,7 @@ class GPT(nn.Module):
                 yield next_token
                 if (eos_id is not None and done.all()) or pos == T + max_new_tokens - 1:
                     break
-                logits, _ = self(next_token[:, None], pos=pos)
+                logits, _ = self(next_token[:, None], pos=torch.tensor([pos], device=idx.device))
         finally:
             self.clear_caches()
 
@@ -379,6 +390,44 @@ class Muon(torch.optim.Optimizer):
                 state['exp_avg_sq'].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state['exp_avg_sq'] / (1 - beta2 ** state['step'])).sqrt_().add_(group['eps'])
                 p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - beta1 ** state['step']))
+
+
+class Int8Linear(nn.Module):
+    """Inference-only stand-in for an nn.Linear: int8 weights with one float scale per output channel (absmax / 127
+    of its row), a quarter of the bytes that batch-1 decoding reads per token. On CPU it runs fbgemm's int8 kernel,
+    which also rounds each row of activations to 8 bits on the fly (llama.cpp's q8_0 does the same per 32 values);
+    torch._weight_int8pack_mm keeps activations in float but has only a scalar kernel on AVX2 CPUs (2x slower than
+    float32 here). Elsewhere the weight is dequantized for each call."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer('weight', torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer('scale', scale)
+        self.bias = linear.bias
+        self.packed = None
+        if w.device.type == 'cpu' and 'fbgemm' in torch.backends.quantized.supported_engines:
+            zero = torch.zeros(len(scale), dtype=torch.long)
+            with warnings.catch_warnings():  # torch deprecates quantized tensors; this one only feeds the prepack
+                warnings.simplefilter('ignore')
+                qw = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None if self.bias is None else self.bias.float())
+
+    def forward(self, x):
+        if self.packed is not None:  # reduce_range: 7-bit activations, so AVX2's int16 pair sums cannot saturate
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
+
+
+def quantize_int8(model):
+    """Swaps every Linear of model (attention, feed-forward, head) for an Int8Linear, in place; for sampling and
+    evaluation, not training. A tied head gets its own int8 copy; the embedding lookup stays in float."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -22,7 +22,7 @@ import torch
 
 from configurator import configure
 from chat import render, require_chat
-from model import load_model, sample_logits, tokenizer_folder
+from model import load_model, quantize_int8, sample_logits, tokenizer_folder
 from prepare import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -37,6 +37,7 @@ seed = 1337
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast); CPU decoding is slower in bf16, even with bf16 units
 compile = False         # torch.compile the forward pass; pays off on GPU for long generations
+quantize = ''           # 'int8': int8 weights, a scale per output channel (model.quantize_int8): 4x fewer bytes to read
 kv_cache = True         # False recomputes the whole sequence for every token (shows what the cache saves)
 chat = False            # talk to an instruction-tuned model; with start, answer that one message and exit
 system = ''             # chat: a system message that opens the conversation
@@ -58,6 +59,10 @@ ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=
 torch.manual_seed(seed)
 
 model = load_model(out_dir, device).eval()
+if quantize not in ('', 'int8'):
+    sys.exit(f"error: --quantize must be '' or 'int8', got {quantize!r}")
+if quantize:
+    quantize_int8(model)
 if compile:
     model.forward = torch.compile(model.forward, dynamic=True)  # stream() calls model(...), so this is what runs
 
@@ -163,4 +168,4 @@ else:
             sys.stdout.flush()
 dt = time.time() - t0
 print(f'{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s '
-      f'({"KV cache" if kv_cache else "no cache"}, {device}, {dtype})', file=sys.stderr)
+      f'({"KV cache" if kv_cache else "no cache"}, {device}, {quantize or dtype})', file=sys.stderr)

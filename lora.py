@@ -73,8 +73,8 @@ def merge_lora(model):
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=False, device='meta')
-            delta = module.lora_B.float() @ module.lora_A.float() * module.scale
-            linear.weight = nn.Parameter((module.weight.float() + delta).to(module.weight.dtype))
+            delta = module.lora_B.double() @ module.lora_A.double() * module.scale  # one rounding, at the end
+            linear.weight = nn.Parameter((module.weight.double() + delta).to(module.weight.dtype))
             linear.bias = module.bias
             model.set_submodule(name, linear)
     return model.requires_grad_(True)

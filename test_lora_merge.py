@@ -4,14 +4,19 @@ base, only adapters train, the merged export and peft's view of the adapter matc
 is exact, and the merge methods keep their defining properties. pytest test_lora_merge.py -s prints the figures.
 """
 import copy
-import json
 import os
+import shutil
 
 import pytest
 import torch
 
-from lora import LoRALinear, adapter_state_dict, add_lora, merge_lora
-from model import GPT, GPTConfig
+from safetensors.torch import save_model
+
+from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora, save_peft
+from model import GPT, GPTConfig, load_model
+from prepare import train_bpe
+from test_sample_eval_export import DOCS, random_model, run, write_data, write_export
+from test_train import load_ckpt, read_log, train
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, multiple_of=16, vocab_size=300)
 CLASSIC = dict(norm='layernorm', pos_embedding='learned', mlp='gelu', n_kv_head=4, bias=True, tie_embeddings=True)
@@ -126,3 +131,145 @@ def test_bad_lora_settings_are_a_one_line_error():
             add_lora(tiny_model(), **kwargs)
         print(e.value.code)
         assert str(e.value.code).startswith('error: LoRA needs') and '\n' not in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- train.py with LoRA
+
+LORA = ['--device=cpu', '--dtype=float32', '--compile=False', '--block_size=32', '--batch_size=4',
+        '--gradient_accumulation_steps=2', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2',
+        '--eval_iters=2', '--log_interval=1', '--lora_rank=4', '--lora_alpha=8']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """A real (tiny) BPE and its shards: export.py's Hugging Face folder needs a real tokenizer."""
+    return write_data(str(tmp_path_factory.mktemp('data')), train_bpe(DOCS, 400),
+                      splits={'train': DOCS * 3, 'val': DOCS[:4]})
+
+
+@pytest.fixture(scope='module')
+def base(data_dir, tmp_path_factory):
+    return write_export(tmp_path_factory.mktemp('base') / 'export', random_model(data_dir), data_dir)
+
+
+@pytest.fixture(scope='module')
+def lora_run(data_dir, base, tmp_path_factory):
+    global RUN
+    RUN = [f'--init_from={base}', '--gradient_accumulation_steps=4', '--max_iters=6', '--lr_decay_iters=6',
+           '--eval_interval=3']
+    out_dir = str(tmp_path_factory.mktemp('lora'))
+    result = train(out_dir, data_dir, *LORA, *RUN)
+    assert 'LoRA on' in result.stdout
+    return out_dir
+
+
+def test_lora_run_checkpoints_only_the_adapters_and_names_its_base(lora_run, base):
+    ckpt = load_ckpt(lora_run)
+    assert set(ckpt['model']) == {f'layers.{i}.{m}.lora_{ab}' for i in range(2) for ab in 'AB'
+                                  for m in ('attention.wqkv', 'attention.wo', 'feed_forward.w1', 'feed_forward.w2')}
+    assert ckpt['lora']['base'] == os.path.abspath(base) and len(ckpt['lora']['base_sha256']) == 64
+    assert ckpt['lora']['adapters'] == dict(rank=4, alpha=8.0, dropout=0.0, targets='wqkv,wo,w1,w2',
+                                            train_embeddings=False)
+    assert len(ckpt['optimizer']['state']) == len(ckpt['model'])  # optimizer state only for the adapters
+    assert all(ckpt['model'][f'layers.{i}.attention.wo.lora_B'].abs().max() > 0 for i in range(2))  # B moved
+    _, evals = read_log(lora_run)
+    print(f"val loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
+    assert evals[-1]['val_loss'] < evals[0]['val_loss']
+
+
+def test_lora_export_is_the_merged_model_and_leaves_the_base_as_it_was(lora_run, base):
+    export = os.path.join(lora_run, 'export')
+    assert {'model.safetensors', 'config.json', 'meta.json', 'tokenizer.json', 'adapter'} <= set(os.listdir(export))
+    assert sorted(os.listdir(os.path.join(export, 'adapter'))) == ['adapter_config.json', 'adapter_model.safetensors']
+    adapted, merged, base_model = load_lora(load_ckpt(lora_run)), load_model(export), load_model(base)
+    for name, tensor in merged.state_dict().items():  # untouched, bit for bit, except the adapted weights
+        adapted_weight = any(name.endswith(f'{m}.weight') for m in ('wqkv', 'wo', 'w1', 'w2'))
+        assert torch.equal(tensor, base_model.state_dict()[name]) != adapted_weight, name
+    for name, module in adapted.named_modules():  # ... and the frozen weights under the adapters are the base's
+        if isinstance(module, LoRALinear):
+            assert torch.equal(module.weight, base_model.get_submodule(name).weight)
+    idx = torch.randint(0, merged.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    a = logits(adapted, idx)
+    # float32 rounds W + B A * scale once, the adapter-on forward its two products: ~1e-6 of the logits' size
+    assert_close(a, logits(merged, idx), 1e-5 * a.abs().max().item(), 'merged export vs adapter-on logits')
+    exact = logits(merge_lora(copy.deepcopy(adapted).double()), idx.clone())
+    assert_close(logits(adapted.double(), idx), exact, 1e-10, 'in float64, merged vs adapter-on logits')
+    assert_close(logits(load_model(lora_run), idx), logits(merged, idx), 0, 'load_model(out_dir) vs export')
+
+
+def test_peft_loads_the_exported_adapter_onto_our_hf_export_with_our_logits(lora_run, base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    run('export.py', f'--out_dir={base}', '--format=hf', f'--export_dir={tmp_path / "hf"}')
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'))
+    peft_model = PeftModel.from_pretrained(hf, os.path.join(lora_run, 'export', 'adapter')).eval()
+    adapted = load_lora(load_ckpt(lora_run))
+    idx = torch.randint(0, adapted.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(logits(adapted, idx), peft_model(idx).logits, 1e-5, 'peft vs our adapter-on logits')
+
+
+@pytest.mark.parametrize('block, train_embeddings', [(CLASSIC, False), ({'tie_embeddings': False}, True)],
+                         ids=['gpt2-fused-conv1d', 'llama-untied-trained-embeddings'])
+def test_peft_layout_fits_gpt2_and_trained_embeddings_too(data_dir, tmp_path, block, train_embeddings):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base_dir = write_export(tmp_path / 'base', random_model(data_dir, **block), data_dir)
+    run('export.py', f'--out_dir={base_dir}', '--format=hf', f'--export_dir={tmp_path / "hf"}')
+    adapted = randomize_adapters(add_lora(load_model(base_dir), rank=4, alpha=8, train_embeddings=train_embeddings))
+    if train_embeddings:
+        with torch.no_grad():
+            adapted.output.weight.mul_(1.5)
+    adapters = dict(rank=4, alpha=8, dropout=0.0, targets='wqkv,wo,w1,w2', train_embeddings=train_embeddings)
+    assert save_peft(adapted, {'base': base_dir, 'adapters': adapters}, str(tmp_path / 'adapter')) is None
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf')),
+                                           str(tmp_path / 'adapter')).eval()
+    idx = torch.randint(0, adapted.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(logits(adapted.eval(), idx), peft_model(idx).logits, 1e-5, f'{block} peft vs adapter-on logits')
+
+
+def test_lora_resume_is_exact(data_dir, base, lora_run, tmp_path):
+    # the same 6 steps as lora_run, in two halves; eval_interval=3 puts an evaluation at the seam
+    halves = str(tmp_path / 'halves')
+    train(halves, data_dir, *LORA, *RUN, '--max_iters=3')
+    train(halves, data_dir, *LORA, *RUN, '--init_from=resume')
+    a, b = read_log(lora_run)[0], read_log(halves)[0]
+    print('losses, 6 iterations :', [s['loss'] for s in a])
+    print('losses, 3 + 3 resumed:', [s['loss'] for s in b])
+    assert [s['loss'] for s in a] == [s['loss'] for s in b] and len(b) == 6
+    whole_ckpt, halves_ckpt = load_ckpt(lora_run), load_ckpt(halves)
+    assert set(halves_ckpt['model']) == set(whole_ckpt['model']) and halves_ckpt['lora'] == whole_ckpt['lora']
+    diff = max((whole_ckpt['model'][k] - halves_ckpt['model'][k]).abs().max().item() for k in whole_ckpt['model'])
+    print(f'max |adapter difference| {diff}')
+    assert diff == 0.0
+
+
+def test_lora_under_ddp_matches_one_process(data_dir, lora_run, tmp_path):
+    # lora_run's 4 micro-batches per step: 2 on each of 2 ranks (gloo), its only trainable tensors the adapters
+    two = str(tmp_path / 'two')
+    train(two, data_dir, *LORA, *RUN, nproc=2)
+    a, b = load_ckpt(lora_run)['model'], load_ckpt(two)['model']
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f'max |adapter difference|, 1 vs 2 processes: {diff:.3g}')
+    assert set(a) == set(b) and diff < 1e-5
+
+
+def test_lora_from_scratch_is_a_one_line_error(data_dir, tmp_path):
+    result = train(str(tmp_path / 'out'), data_dir, *LORA, '--max_iters=2', check=False)
+    print(result.stderr)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith('error: LoRA adapts a pre-trained model')
+
+
+def test_a_changed_base_is_refused_by_resume_and_load(lora_run, base, data_dir, tmp_path):
+    checkpoint = load_ckpt(lora_run)
+    moved = str(tmp_path / 'base')
+    shutil.copytree(base, moved)
+    checkpoint['lora']['base'] = moved
+    load_lora(checkpoint)  # an identical copy is fine
+    save_model(random_model(data_dir, seed=1), os.path.join(moved, 'model.safetensors'))
+    with pytest.raises(SystemExit) as e:
+        load_lora(checkpoint)  # what train.py's resume, its export and load_model call
+    print(e.value.code)
+    assert 'changed since training' in str(e.value.code) and '\n' not in str(e.value.code)

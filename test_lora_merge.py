@@ -4,6 +4,7 @@ base, only adapters train, the merged export and peft's view of the adapter matc
 is exact, and the merge methods keep their defining properties. pytest test_lora_merge.py -s prints the figures.
 """
 import copy
+import json
 import os
 import shutil
 
@@ -12,7 +13,7 @@ import torch
 
 from safetensors.torch import save_model
 
-from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora, save_peft
+from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora, save_peft, sha256
 from model import GPT, GPTConfig, load_model
 from prepare import train_bpe
 from test_sample_eval_export import DOCS, random_model, run, write_data, write_export
@@ -273,3 +274,141 @@ def test_a_changed_base_is_refused_by_resume_and_load(lora_run, base, data_dir, 
         load_lora(checkpoint)  # what train.py's resume, its export and load_model call
     print(e.value.code)
     assert 'changed since training' in str(e.value.code) and '\n' not in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- merge.py
+
+
+@pytest.fixture(scope='module')
+def exports(data_dir, tmp_path_factory):
+    """Three exports of one architecture and tokenizer: a (base) and b, c (as if fine-tuned from it)."""
+    folder = tmp_path_factory.mktemp('exports')
+    return [write_export(folder / name, random_model(data_dir, seed=seed), data_dir)
+            for seed, name in enumerate('abc')]
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, 'model.safetensors'))
+
+
+def merge(tmp_path, *args):
+    out = str(tmp_path / 'merged')
+    run('merge.py', *args, f'--out={out}')
+    return out
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize('method, args', [
+    ('linear', []), ('slerp', ['--t=0.3']), ('task_arithmetic', ['--weights=0.7,0.8']), ('ties', ['--density=0.5'])])
+def test_merging_a_model_with_itself_is_the_identity(exports, tmp_path, method, args):
+    a = exports[0]
+    base = [f'--base={a}'] if method in ('task_arithmetic', 'ties') else []
+    out = merge(tmp_path, f'--models={a},{a}', f'--method={method}', *base, *args)
+    diff = max_diff(tensors(a), tensors(out))
+    print(f'{method} of a model with itself: max |weight difference| {diff:.3g}')
+    assert diff <= 1e-6 * max(t.abs().max().item() for t in tensors(a).values())
+
+
+def test_slerp_at_t_0_and_1_gives_the_inputs_and_between_follows_the_arc(exports, tmp_path):
+    a, b = exports[:2]
+    ta, tb = tensors(a), tensors(b)
+    for t, expected in ((0, ta), (1, tb)):
+        out = tensors(merge(tmp_path, f'--models={a},{b}', '--method=slerp', f'--t={t}'))
+        assert all(torch.equal(out[k], expected[k]) for k in out), f't={t}'
+    mid = tensors(merge(tmp_path, f'--models={a},{b}', '--method=slerp', '--t=0.5'))
+    name = 'layers.0.attention.wqkv.weight'
+    x, y = ta[name].double(), tb[name].double()
+    omega = torch.arccos((x * y).sum() / (x.norm() * y.norm()))  # two random matrices: nearly orthogonal
+    reference = (torch.sin(omega / 2) * (x + y) / torch.sin(omega)).float()
+    assert_close(mid[name], reference, 1e-6, 'slerp midway vs the formula in float64')
+    assert mid[name].norm() > ((ta[name] + tb[name]) / 2).norm() * 1.3  # the arc, not the chord
+
+
+def test_linear_of_two_is_their_mean_and_weights_are_normalised(exports, tmp_path):
+    a, b = exports[:2]
+    ta, tb = tensors(a), tensors(b)
+    out = tensors(merge(tmp_path, f'--models={a},{b}'))
+    assert all(torch.equal(out[k], (ta[k] + tb[k]) / 2) for k in out)
+    out = tensors(merge(tmp_path, f'--models={a},{b}', '--weights=3,1'))
+    assert max_diff(out, {k: 0.75 * ta[k] + 0.25 * tb[k] for k in ta}) < 1e-6
+
+
+def test_task_arithmetic_adds_the_weighted_task_vectors_to_the_base(exports, tmp_path):
+    a, b, c = exports
+    ta, tb, tc = tensors(a), tensors(b), tensors(c)
+    out = tensors(merge(tmp_path, f'--models={b},{c}', f'--base={a}', '--method=task_arithmetic',
+                        '--weights=0.5,0.25', '--scale=2'))
+    expected = {k: ta[k] + 2 * (0.5 * (tb[k] - ta[k]) + 0.25 * (tc[k] - ta[k])) for k in ta}
+    assert max_diff(out, expected) < 1e-5
+
+
+def test_ties_with_one_model_and_density_1_is_the_base_plus_its_task_vector(exports, tmp_path):
+    a, b = exports[:2]
+    ta, tb = tensors(a), tensors(b)
+    out = tensors(merge(tmp_path, f'--models={b}', f'--base={a}', '--method=ties', '--density=1'))
+    assert all(torch.equal(out[k], ta[k] + (tb[k] - ta[k])) for k in out)
+
+
+def test_ties_trims_elects_the_sign_and_averages_the_agreeing_entries(data_dir, tmp_path):
+    # task vectors on the first 3 entries of the final norm (32 entries); density 2/32 keeps each one's top 2:
+    # (4, -2, .), (., -3, 2), (-2, 6, .); the sums (2, 1, 2) elect +, +, +; the agreeing means are 4, 6, 2
+    base = random_model(data_dir)
+    with torch.no_grad():
+        base.norm.weight.fill_(1.0)  # integers: the task vectors come back exactly
+    paths = [write_export(tmp_path / 'base', base, data_dir)]
+    for i, tau in enumerate([[4, -2, 1], [-1, -3, 2], [-2, 6, 0.5]]):
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            model.norm.weight[:3] += torch.tensor(tau)
+        paths.append(write_export(tmp_path / f'm{i}', model, data_dir))
+    out = tensors(merge(tmp_path, f'--models={",".join(paths[1:])}', f'--base={paths[0]}', '--method=ties',
+                        f'--density={2 / 32}'))
+    print('merged task vector:', (out['norm.weight'][:4] - 1).tolist())
+    assert (out['norm.weight'] - 1).tolist() == [4, 6, 2] + [0] * 29
+    assert all(torch.equal(out[k], v) for k, v in tensors(paths[0]).items() if k != 'norm.weight')
+
+
+def test_merged_folder_is_an_export_with_a_record_of_its_inputs(exports, tmp_path):
+    a, b = exports[:2]
+    out = merge(tmp_path, f'--models={a},{b}', '--method=slerp')
+    assert sorted(os.listdir(out)) == ['config.json', 'merge.json', 'meta.json', 'model.safetensors', 'tokenizer.json']
+    with open(os.path.join(out, 'merge.json')) as f:
+        record = json.load(f)
+    assert record['method'] == 'slerp' and record['t'] == 0.5
+    assert [m['path'] for m in record['models']] == [os.path.abspath(a), os.path.abspath(b)]
+    assert record['models'][0]['sha256'] == sha256(os.path.join(a, 'model.safetensors'))
+    model = load_model(out)  # what sample.py, eval.py and export.py call
+    assert model.config == load_model(a).config and not any(n.startswith('.merge') for n in os.listdir(tmp_path))
+
+
+def test_bad_merge_inputs_are_a_one_line_error_before_any_work(exports, data_dir, tmp_path):
+    a, b, c = exports
+    other_shape = write_export(tmp_path / 'deep', random_model(data_dir, n_layer=3), data_dir)
+    other_tok = str(tmp_path / 'tok')
+    shutil.copytree(b, other_tok)
+    train_bpe(DOCS[:5], 300).save(os.path.join(other_tok, 'tokenizer.json'))
+    out = tmp_path / 'merged'
+    for args, words in [
+        ([f'--models={a},{other_shape}'], 'another config'),
+        ([f'--models={a},{other_tok}'], 'another tokenizer'),
+        ([f'--models={a},{tmp_path}'], 'not a medslm export'),
+        ([f'--models={a},{b},{c}', '--method=slerp'], 'slerp merges two'),
+        ([f'--models={a},{b}', '--method=ties'], 'need it'),
+        ([f'--models={a},{b}', f'--base={c}'], 'take none'),
+        ([f'--models={a},{b}', '--weights=1'], '1 weights'),
+        ([f'--models={a},{b}', '--method=ties', f'--base={c}', '--density=0'], 'density'),
+        ([f'--models={a},{b}', '--method=dare'], '--method must be'),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run('merge.py', *args, f'--out={out}')
+        message = str(e.value.code)
+        print(message)
+        assert message.startswith('error: ') and '\n' not in message and words in message, message
+        assert not out.exists() and not any(p.name.startswith('.merge') for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        run('merge.py', f'--models={a},{b}', f'--out={a}')
+    assert 'one of the inputs' in str(e.value.code)

@@ -36,7 +36,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in peft and litgpt
         self.scale = alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x):
         # scaled in the rank-wide middle: the cheapest place for the multiply
@@ -50,6 +50,8 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=','.join(TARGETS), train_e
     if rank < 1 or not set(names) <= set(TARGETS):
         raise SystemExit(f'error: LoRA needs lora_rank >= 1 and lora_targets among {",".join(TARGETS)}, '
                          f'got rank {rank} and {targets!r}')
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise SystemExit('error: the model has adapters already: merge_lora them first')
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         if name.rsplit('.', 1)[-1] in names:

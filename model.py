@@ -166,7 +166,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)
+        # a frozen head (LoRA) needs no weight gradient: at healthslm_15m's shape a quarter of a LoRA step's FLOPs
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_h = torch.empty_like(h)
         for s in range(0, h.size(0), chunk_rows):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
             valid, tc = (tc != -1)[:, None], tc.clamp(min=0)
@@ -176,15 +178,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(tc), device=h.device), tc] -= 1.0
             probs = probs.to(hc.dtype)
             grad_h[s:s + chunk_rows] = ((probs @ weight.to(hc.dtype)) * valid).to(h.dtype)
-            grad_w += probs.t() @ (hc * valid)
+            if grad_w is not None:
+                grad_w += probs.t() @ (hc * valid)
         n = (targets != -1).sum().clamp(min=1)
-        ctx.save_for_backward(grad_h / n, (grad_w / n).to(weight.dtype))
+        ctx.save_for_backward(grad_h / n, None if grad_w is None else (grad_w / n).to(weight.dtype))
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None
 
 
 def cross_entropy_loss(h, weight, targets, chunk_rows=None):

@@ -88,6 +88,7 @@ def test_only_adapters_take_gradients_and_optimizer_state():
         before = {n: p.clone() for n, p in adapter_state_dict(model).items()}
         for _ in range(3):
             model(IDX, IDX)[1].backward()
+            assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # the head's too
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         assert len(optimizer.state) == len(trainable)
@@ -95,6 +96,20 @@ def test_only_adapters_take_gradients_and_optimizer_state():
         print(f'muon_lr={muon_lr}: smallest adapter change {min(moved.values()):.3g}')
         assert min(moved.values()) > 0
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_fused_loss_gives_a_frozen_head_the_same_input_gradients():
+    # the fused loss skips the head's weight gradient when the head is frozen; the rest must not change
+    model = randomize_adapters(add_lora(tiny_model(), rank=4, alpha=8))
+    model(IDX, IDX)[1].backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    h = model.hidden(IDX)
+    torch.nn.functional.cross_entropy((h @ model.output.weight.t()).flatten(0, 1), IDX.flatten()).backward()
+    plain = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    diff = max((fused[n] - plain[n]).abs().max().item() for n in fused)
+    print(f'adapter gradients, fused vs plain loss: max abs difference {diff:.3g}')
+    assert diff < 1e-6
 
 
 def test_train_embeddings_unfreezes_the_embeddings_and_head_only():

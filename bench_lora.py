@@ -94,7 +94,8 @@ for _ in range(rounds):
         results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
 print(f'{config_file}: batch {batch_size} x {seq_len}, {dtype}, {"compiled, " if compile else ""}{device}, '
       f'{torch.get_num_threads()} threads, LoRA rank {lora_rank} on wqkv, wo, w1, w2; medians of {rounds} processes')
-print(f"{'':6} {'parameters':>12} {'trainable':>12} {'weights MB':>11} {'optimizer MB':>13} {'peak MB':>9} {'tokens/s':>9}")
+print(f"{'':6} {'parameters':>12} {'trainable':>12} {'weights MB':>11} {'optimizer MB':>13} {'peak MB':>9} "
+      f"{'tokens/s':>9}")
 for name, runs in results.items():
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"{name:6} {median['params']:>12,.0f} {median['trainable']:>12,.0f} {median['weights_mb']:>11,.0f} "

@@ -105,10 +105,11 @@ def load_lora(checkpoint, device='cpu'):
     if checkpoint['model_args']['vocab_size'] > model.config.vocab_size:  # train.py grew it for chat tokens
         model = grow_vocab(model, checkpoint['model_args']['vocab_size'])
     add_lora(model, **lora['adapters'])
-    missing, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
-    if unexpected or set(adapter_state_dict(model)) - set(checkpoint['model']):
-        raise SystemExit(f"error: the checkpoint's adapters do not fit {lora['base']}: unexpected "
-                         f"{unexpected[:3]}, missing {sorted(set(adapter_state_dict(model)) - set(checkpoint['model']))[:3]}")
+    _, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
+    missing = sorted(set(adapter_state_dict(model)) - set(checkpoint['model']))
+    if unexpected or missing:
+        raise SystemExit(f"error: the checkpoint's adapters do not fit {lora['base']}: unexpected {unexpected[:3]}, "
+                         f"missing {missing[:3]}")
     return model.to(device)
 
 
@@ -123,7 +124,7 @@ def save_peft(model, lora, folder):
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             _, i, ours = name.split('.', 2)  # layers.{i}.attention.wqkv
-            prefix = f'base_model.model.model.layers.{i}.' if layout == 'llama' else f'base_model.model.transformer.h.{i}.'
+            prefix = 'base_model.model.' + (f'model.layers.{i}.' if layout == 'llama' else f'transformer.h.{i}.')
             for hf_name, rows in hf_projections(model.config, layout, ours, module.lora_B).items():
                 tensors[prefix + hf_name + '.lora_A.weight'] = module.lora_A
                 tensors[prefix + hf_name + '.lora_B.weight'] = rows

@@ -87,7 +87,7 @@ def ties(base, tensors, weights, density, scale):
 
 
 def read_export(path):
-    """(config, meta, {tensor name: shape}, tokenizer file or None) of an export folder; a one-line error if it is none."""
+    """(config, meta, {tensor name: shape}, tokenizer file or None) of an export; a one-line error if it is none."""
     for name in ('config.json', 'model.safetensors', 'meta.json'):
         if not os.path.isfile(os.path.join(path, name)):
             sys.exit(f'error: {path} is not a medslm export: no {name} (train.py writes out_dir/export)')
@@ -116,9 +116,9 @@ paths = [p for p in models.split(',') if p]
 weights = [float(w) for w in weights.split(',') if w] or [1.0] * len(paths)
 if method not in ('linear', 'slerp', 'task_arithmetic', 'ties'):
     sys.exit(f"error: --method must be 'linear', 'slerp', 'task_arithmetic' or 'ties', got {method!r}")
+needed = {'linear': 'at least two', 'slerp': 'two', 'task_arithmetic': 'one or more', 'ties': 'one or more'}[method]
 if len(paths) < (2 if method in ('linear', 'slerp') else 1) or (method == 'slerp' and len(paths) != 2):
-    sys.exit(f'error: {method} merges {"two" if method == "slerp" else "at least two" if method == "linear" else "one or more"} '
-             f'models, got {len(paths)} (--models=a,b,...)')
+    sys.exit(f'error: {method} merges {needed} models, got {len(paths)} (--models=a,b,...)')
 if len(weights) != len(paths) or sum(weights) == 0:
     sys.exit(f'error: --weights gives {len(weights)} weights (sum {sum(weights)}) for {len(paths)} models')
 if (method in ('task_arithmetic', 'ties')) != bool(base):
@@ -156,13 +156,11 @@ for name in shapes:  # one tensor at a time: the inputs are never all in memory
         merged[name] = ties(xs[-1], xs[:-1], weights, density, scale)
     merged[name] = merged[name].to(dtype)
 
-record = {'method': method, 'models': [{'path': os.path.abspath(p), 'sha256': sha256(os.path.join(p, 'model.safetensors'))}
-                                       for p in inputs],
+sources = [{'path': os.path.abspath(p), 'sha256': sha256(os.path.join(p, 'model.safetensors'))} for p in inputs]
+record = {'method': method, 'models': sources[:len(paths)], **({'base': sources[-1]} if base else {}),
           **{'linear': dict(weights=weights), 'slerp': dict(t=t),
              'task_arithmetic': dict(weights=weights, scale=scale),
              'ties': dict(weights=weights, density=density, scale=scale)}[method]}
-if base:
-    record['base'] = record['models'].pop()
 # written to a temporary folder beside out and renamed, so out is never half-written
 parent = os.path.dirname(os.path.abspath(out))
 os.makedirs(parent, exist_ok=True)
@@ -181,4 +179,4 @@ try:
 except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-print(f'wrote {out}: {method} of {len(paths)} model' + 's' * (len(paths) > 1) + (f' over the base {base}' if base else ''))
+print(f'wrote {out}: {method} of {len(paths)} model' + 's' * (len(paths) > 1) + (f' over {base}' if base else ''))

@@ -66,7 +66,8 @@ def test_lora_at_step_zero_equals_the_base_bit_for_bit(block):
     base = tiny_model(**block)
     adapted = add_lora(copy.deepcopy(base), rank=4, alpha=8)
     wrapped = [n for n, m in adapted.named_modules() if isinstance(m, LoRALinear)]
-    assert len(wrapped) == 4 * TINY['n_layer'] and all(n.rsplit('.', 1)[-1] in ('wqkv', 'wo', 'w1', 'w2') for n in wrapped)
+    assert len(wrapped) == 4 * TINY['n_layer']
+    assert all(n.rsplit('.', 1)[-1] in ('wqkv', 'wo', 'w1', 'w2') for n in wrapped)
     a, b = logits(base, IDX), logits(adapted, IDX)
     print(f'max |logits difference| at step 0: {(a - b).abs().max().item()}')
     assert torch.equal(a, b)
@@ -142,7 +143,8 @@ def test_decoding_with_adapters_matches_the_merged_model():
 
 
 def test_bad_lora_settings_are_a_one_line_error():
-    for kwargs in (dict(rank=0, alpha=8), dict(rank=4, alpha=8, targets='wqkv,output'), dict(rank=4, alpha=8, targets='')):
+    for kwargs in (dict(rank=0, alpha=8), dict(rank=4, alpha=8, targets='wqkv,output'),
+                   dict(rank=4, alpha=8, targets='')):
         with pytest.raises(SystemExit) as e:
             add_lora(tiny_model(), **kwargs)
         print(e.value.code)
@@ -380,8 +382,12 @@ def test_ties_trims_elects_the_sign_and_averages_the_agreeing_entries(data_dir, 
         with torch.no_grad():
             model.norm.weight[:3] += torch.tensor(tau)
         paths.append(write_export(tmp_path / f'm{i}', model, data_dir))
-    out = tensors(merge(tmp_path, f'--models={",".join(paths[1:])}', f'--base={paths[0]}', '--method=ties',
-                        f'--density={2 / 32}'))
+    folder = merge(tmp_path, f'--models={",".join(paths[1:])}', f'--base={paths[0]}', '--method=ties',
+                   f'--density={2 / 32}')
+    with open(os.path.join(folder, 'merge.json')) as f:
+        record = json.load(f)
+    assert record['base']['path'] == paths[0] and len(record['models']) == 3 and record['density'] == 2 / 32
+    out = tensors(folder)
     print('merged task vector:', (out['norm.weight'][:4] - 1).tolist())
     assert (out['norm.weight'] - 1).tolist() == [4, 6, 2] + [0] * 29
     assert all(torch.equal(out[k], v) for k, v in tensors(paths[0]).items() if k != 'norm.weight')

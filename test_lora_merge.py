@@ -4,6 +4,7 @@ base, only adapters train, the merged export and peft's view of the adapter matc
 is exact, and the merge methods keep their defining properties. pytest test_lora_merge.py -s prints the figures.
 """
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora
 from model import GPT, GPTConfig, load_model
 from prepare import train_bpe
 from test_sample_eval_export import DOCS, random_model, run, write_data, write_export
+from test_chat_sft import chat_data, sft
 from test_train import load_ckpt, read_log, train
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, multiple_of=16, vocab_size=300)
@@ -433,3 +435,28 @@ def test_bad_merge_inputs_are_a_one_line_error_before_any_work(exports, data_dir
     with pytest.raises(SystemExit) as e:
         run('merge.py', f'--models={a},{b}', f'--out={a}')
     assert 'one of the inputs' in str(e.value.code)
+
+
+def test_lora_sft_on_a_gpt2_vocabulary_base_trains_the_grown_embeddings(tmp_path):
+    # GPT-2's 50,257 ids have no chat tokens: SFT adds four rows, which must train, and resume / export regrow them
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=48, vocab_size=50257, tie_embeddings=True))
+    base = str(tmp_path / 'base')
+    os.makedirs(base)
+    save_model(model, os.path.join(base, 'model.safetensors'))
+    with open(os.path.join(base, 'config.json'), 'w') as f:
+        json.dump(dataclasses.asdict(model.config), f)
+    with open(os.path.join(base, 'meta.json'), 'w') as f:
+        json.dump(dict(tokenizer='gpt2', vocab_size=50257, dtype='uint16', eos_id=50256, tokenizer_file=None), f)
+    data, out_dir = chat_data(str(tmp_path / 'chat')), str(tmp_path / 'out')
+    args = [f'--init_from={base}', '--max_iters=2', '--eval_interval=2', '--lr_decay_iters=2', '--lora_rank=4']
+    result = sft(out_dir, data, *args, check=False)
+    assert result.returncode != 0 and result.stderr.startswith('error:') and 'lora_train_embeddings' in result.stderr
+    sft(out_dir, data, *args, '--lora_train_embeddings=True')
+    ckpt = load_ckpt(out_dir)
+    assert ckpt['model']['tok_embeddings.weight'].shape == (50261, 16) and ckpt['model_args']['vocab_size'] == 50261
+    merged, adapted = load_model(os.path.join(out_dir, 'export')), load_lora(ckpt)
+    idx = torch.tensor([[50257, 11, 50258, 50260]])
+    assert_close(logits(adapted, idx), logits(merged, idx), 1e-5, 'grown vocabulary: merged vs adapter-on')
+    with open(os.path.join(out_dir, 'export', 'adapter', 'adapter_config.json')) as f:
+        assert json.load(f)['modules_to_save'] == ['embed_tokens', 'lm_head']

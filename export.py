@@ -29,7 +29,7 @@ from safetensors.torch import save_file, save_model
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
-from model import load_checkpoint, load_model, tokenizer_folder
+from model import HF_PROJECTIONS, hf_layout, hf_projections, load_checkpoint, load_model, tokenizer_folder
 from chat import CHAT_TEMPLATE
 from prepare import CHAT_TOKENS, gpt2_encoding, load_tokenizer
 
@@ -46,7 +46,6 @@ def llama(model):
     """config.json and tensors of LlamaForCausalLM. RoPE already uses Llama's rotate_half layout, so q and k
     need no permutation; wqkv and w1 are only split."""
     cfg, sd = model.config, model.state_dict()
-    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     t = {'model.embed_tokens.weight': sd['tok_embeddings.weight'], 'model.norm.weight': sd['norm.weight']}
     if not cfg.tie_embeddings:
         t['lm_head.weight'] = sd['output.weight']
@@ -55,13 +54,9 @@ def llama(model):
         t[hf + 'input_layernorm.weight'] = sd[p + 'attention_norm.weight']
         t[hf + 'post_attention_layernorm.weight'] = sd[p + 'ffn_norm.weight']
         for kind in ['weight', 'bias'] if cfg.bias else ['weight']:
-            wq, wk, wv = sd[p + 'attention.wqkv.' + kind].split([q, kv, kv])
-            gate, up = sd[p + 'feed_forward.w1.' + kind].chunk(2)
-            t.update({hf + 'self_attn.q_proj.' + kind: wq, hf + 'self_attn.k_proj.' + kind: wk,
-                      hf + 'self_attn.v_proj.' + kind: wv, hf + 'mlp.gate_proj.' + kind: gate,
-                      hf + 'mlp.up_proj.' + kind: up,
-                      hf + 'self_attn.o_proj.' + kind: sd[p + 'attention.wo.' + kind],
-                      hf + 'mlp.down_proj.' + kind: sd[p + 'feed_forward.w2.' + kind]})
+            for ours in HF_PROJECTIONS['llama']:
+                for name, rows in hf_projections(cfg, 'llama', ours, sd[p + ours + '.' + kind]).items():
+                    t[hf + name + '.' + kind] = rows
     config = dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
                   hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
                   num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
@@ -85,8 +80,7 @@ def gpt2(model):
         t['lm_head.weight'] = sd['output.weight']
     for i in range(cfg.n_layer):
         p, hf = f'layers.{i}.', f'transformer.h.{i}.'
-        for ours, theirs in [('attention.wqkv', 'attn.c_attn'), ('attention.wo', 'attn.c_proj'),
-                             ('feed_forward.w1', 'mlp.c_fc'), ('feed_forward.w2', 'mlp.c_proj')]:
+        for ours, (theirs,) in HF_PROJECTIONS['gpt2'].items():
             w = sd[p + ours + '.weight']
             t[hf + theirs + '.weight'] = w.t()
             t[hf + theirs + '.bias'] = bias(p + ours + '.bias', w.size(0))
@@ -255,8 +249,7 @@ if tok_dir is None:
     sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
 with open(os.path.join(tok_dir, 'meta.json')) as f:
     meta = json.load(f)
-modern = (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('rmsnorm', 'rope', 'swiglu')
-classic = (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('layernorm', 'learned', 'gelu') and cfg.n_kv_head == cfg.n_head
+modern, classic = hf_layout(cfg) == 'llama', hf_layout(cfg) == 'gpt2'
 if format == 'hf' and not (modern or classic):
     sys.exit(f'error: norm={cfg.norm} pos_embedding={cfg.pos_embedding} mlp={cfg.mlp} n_kv_head={cfg.n_kv_head} '
              f'matches neither Llama (rmsnorm, rope, swiglu) nor GPT-2 (layernorm, learned, gelu, no GQA); '

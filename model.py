@@ -175,7 +175,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)
+        # a frozen head (LoRA) needs no weight gradient: at healthslm_15m's shape a quarter of a LoRA step's FLOPs
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_h = torch.empty_like(h)
         for s in range(0, h.size(0), chunk_rows):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
             valid, tc = (tc != -1)[:, None], tc.clamp(min=0)
@@ -185,15 +187,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(tc), device=h.device), tc] -= 1.0
             probs = probs.to(hc.dtype)
             grad_h[s:s + chunk_rows] = ((probs @ weight.to(hc.dtype)) * valid).to(h.dtype)
-            grad_w += probs.t() @ (hc * valid)
+            if grad_w is not None:
+                grad_w += probs.t() @ (hc * valid)
         n = (targets != -1).sum().clamp(min=1)
-        ctx.save_for_backward(grad_h / n, (grad_w / n).to(weight.dtype))
+        ctx.save_for_backward(grad_h / n, None if grad_w is None else (grad_w / n).to(weight.dtype))
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None
 
 
 def cross_entropy_loss(h, weight, targets, chunk_rows=None):
@@ -475,6 +478,9 @@ def load_model(path, device='cpu'):
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'error: {path} holds neither model.safetensors nor ckpt.pt')
     checkpoint = load_checkpoint(ckpt_path, device)
+    if checkpoint.get('lora'):  # train.py's LoRA run: adapters over a base model, merged here
+        from lora import load_lora, merge_lora
+        return merge_lora(load_lora(checkpoint, device))
     model = GPT(GPTConfig(**checkpoint['model_args']))
     try:
         model.load_state_dict(checkpoint['model'])
@@ -505,6 +511,34 @@ def grow_vocab(model, vocab_size):
     grown = GPT(GPTConfig(**{**asdict(model.config), 'vocab_size': vocab_size}))
     grown.load_state_dict(state)
     return grown.to(w.device)
+
+
+def hf_layout(cfg):
+    """The Hugging Face architecture our --format=hf export writes a model of this config as, or None."""
+    if (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('rmsnorm', 'rope', 'swiglu'):
+        return 'llama'
+    if (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('layernorm', 'learned', 'gelu') and cfg.n_kv_head == cfg.n_head:
+        return 'gpt2'
+    return None
+
+
+# Hugging Face's modules for the Linears of a block: Llama splits our fused ones, GPT-2 fuses them as we do
+HF_PROJECTIONS = {
+    'llama': {'attention.wqkv': ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'),
+              'attention.wo': ('self_attn.o_proj',), 'feed_forward.w1': ('mlp.gate_proj', 'mlp.up_proj'),
+              'feed_forward.w2': ('mlp.down_proj',)},
+    'gpt2': {'attention.wqkv': ('attn.c_attn',), 'attention.wo': ('attn.c_proj',), 'feed_forward.w1': ('mlp.c_fc',),
+             'feed_forward.w2': ('mlp.c_proj',)}}
+
+
+def hf_projections(cfg, layout, module, rows):
+    """{Hugging Face module: its rows} of a tensor whose rows are the outputs of the block Linear module (e.g.
+    'attention.wqkv'): its weight, its bias or a LoRA B alike. Llama's q, k, v and gate, up are row slices."""
+    names = HF_PROJECTIONS[layout][module]
+    if len(names) == 3:
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        return dict(zip(names, rows.split([q, kv, kv])))
+    return dict(zip(names, rows.chunk(len(names))))
 
 
 def tokenizer_folder(path):

@@ -31,6 +31,7 @@ from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
+from lora import adapter_state_dict, add_lora, load_lora, merge_lora, save_peft, sha256, weights_file
 from chat import pack, read_conversations, require_chat
 from model import GPT, GPTConfig, grow_vocab, load_checkpoint, load_model, tokenizer_folder
 from prepare import load_tokenizer
@@ -66,6 +67,12 @@ mlp = 'swiglu'
 bias = False
 tie_embeddings = False
 dropout = 0.0
+# LoRA: low-rank adapters on a pre-trained model (init_from: its export or out_dir), its weights frozen
+lora_rank = 0               # 0: full fine-tuning; 16 is the usual choice. The optimizer sees only the adapters
+lora_alpha = 32.0           # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0          # dropout on the adapters' input
+lora_targets = 'wqkv,wo,w1,w2'  # the Linears of every block that get adapters: all attention and MLP projections
+lora_train_embeddings = False  # also train the token (and position) embeddings and the head, in full
 # AdamW
 learning_rate = 6e-4        # peak learning rate, after warmup
 max_iters = 600000          # optimizer steps
@@ -94,8 +101,15 @@ def export(checkpoint):
     final, tmp, old = (os.path.join(out_dir, name) for name in ('export', 'export.tmp', 'export.old'))
     shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of an interrupted export
     os.makedirs(tmp)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
+    if checkpoint.get('lora'):  # merged into the weights, an ordinary export; the adapters alone for peft
+        model = load_lora(checkpoint)
+        why_not = save_peft(model, checkpoint['lora'], os.path.join(tmp, 'adapter'))
+        if why_not:
+            print(f'no peft adapter in the export: {why_not}')
+        model = merge_lora(model)
+    else:
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model.load_state_dict(checkpoint['model'])
     save_model(model, os.path.join(tmp, 'model.safetensors'))  # save_model, unlike save_file, handles tied weights
     torch.save(checkpoint['optimizer'], os.path.join(tmp, 'optimizer.pt'))
     best = checkpoint['best_val_loss']
@@ -255,6 +269,7 @@ train_gens = [torch.Generator().manual_seed(seed + s) for s in
 # model
 iter_num, best_val_loss, history = 0, float('inf'), {'train_loss': [], 'eval': []}
 checkpoint = None
+lora = None  # a LoRA run's adapter settings and base, kept in every checkpoint to rebuild the model from
 if init_from == 'scratch':
     model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
     model_args['vocab_size'] = vocab_size if vocab_size is not None else meta['vocab_size']
@@ -263,8 +278,11 @@ elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'error: {ckpt_path} not found: nothing to resume')
     checkpoint = load_checkpoint(ckpt_path, device)
-    model = GPT(GPTConfig(**checkpoint['model_args']))  # the checkpoint's shapes win over the config's
-    model.load_state_dict(checkpoint['model'])
+    if checkpoint.get('lora'):  # its base, reloaded, and its adapters; its LoRA settings win, as its shapes do
+        model, lora = load_lora(checkpoint, device), checkpoint['lora']
+    else:
+        model = GPT(GPTConfig(**checkpoint['model_args']))  # the checkpoint's shapes win over the config's
+        model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['history']
 elif os.path.isdir(init_from):
     model = load_model(init_from)  # continued pre-training: its weights, a fresh optimizer and schedule
@@ -273,7 +291,19 @@ else:
 if chat_data and init_from != 'resume':
     chat_ids = require_chat(load_tokenizer(tokenizer_dir))
     if max(chat_ids.values()) >= model.config.vocab_size:  # GPT-2's 50,257 ids have no room for the chat tokens
+        if lora_rank and not lora_train_embeddings:  # frozen, the new rows would stay equal: one logit for all four
+            raise SystemExit('error: the base has no rows for the chat tokens, so they are added: with LoRA they '
+                             'must train, --lora_train_embeddings=True')
         model = grow_vocab(model, max(chat_ids.values()) + 1)
+if lora_rank and init_from != 'resume':
+    if init_from == 'scratch':
+        raise SystemExit('error: LoRA adapts a pre-trained model: set init_from to its export folder or out_dir')
+    adapters = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                    train_embeddings=lora_train_embeddings)
+    lora = {'base': os.path.abspath(init_from), 'base_sha256': sha256(weights_file(init_from)), 'adapters': adapters}
+    add_lora(model, **adapters)
+if lora and master_process:
+    print(f"LoRA on {lora['base']}: {sum(p.numel() for p in adapter_state_dict(model).values()):,} parameters train")
 model_args = asdict(model.config)
 if model_args['vocab_size'] < meta['vocab_size']:
     raise SystemExit(f"error: the model's vocab_size {model_args['vocab_size']} is smaller than the data's "
@@ -396,7 +426,8 @@ def save_checkpoint():
         dist.all_gather_object(ranks, state)
     if not master_process:
         return
-    checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+    checkpoint = {'model': adapter_state_dict(raw_model) if lora else raw_model.state_dict(), 'lora': lora,
+                  'optimizer': optimizer.state_dict(),
                   'scaler': scaler.state_dict(), 'model_args': model_args, 'config': config, 'iter_num': iter_num,
                   'best_val_loss': best_val_loss, 'history': history, 'data_dir': data_dir, 'meta': meta,
                   'tokenizer_dir': tokenizer_dir,

@@ -11,7 +11,6 @@ first. Tokens/s is the median step after the first. The sides alternate over `ro
 drift of a shared machine hits both alike; medians are reported.
 """
 import json
-import os
 import resource
 import runpy
 import statistics

@@ -299,8 +299,10 @@ class GPT(nn.Module):
         # Decoding multiplies one row by every weight matrix, reading all of them once per token. Stored
         # column-major (same shape and values, the transpose contiguous) those reads run in memory order: on
         # CPU the head's matmul is 3x faster and a whole decoding step ~1.2x (eager) to 1.6x (compiled).
+        # The layout stays after decoding (the next call would pay the copies again: ~75 ms at healthslm_15m's
+        # shape); train() restores the row-major one.
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and not module.weight.t().is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()
         dtype = self.tok_embeddings.weight.dtype  # not the head's: an int8 head (quantize_int8) holds int8
         for layer in self.layers:
@@ -308,11 +310,15 @@ class GPT(nn.Module):
                                                self.config.head_dim, dtype).to(self.tok_embeddings.weight.device)
 
     def clear_caches(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear):  # back to row-major, the layout training's matmuls expect
-                module.weight.data = module.weight.data.contiguous()
         for layer in self.layers:
             layer.attention.kv_cache = None
+
+    def train(self, mode=True):
+        if mode:  # back to row-major from setup_caches' layout: the one training's matmuls (and saving) expect
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+                    module.weight.data = module.weight.data.contiguous()
+        return super().train(mode)
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,

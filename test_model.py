@@ -71,9 +71,13 @@ def test_kv_cache_decoding_equals_full_forward(kwargs):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompt = torch.randint(0, 97, (2, 7))
     out = model.generate(prompt, 30, temperature=0)
-    # decoding lays the weights out column-major; afterwards they are back, unchanged, as training expects
-    assert all(p.is_contiguous() for p in model.parameters())
+    # decoding lays the weights out column-major and keeps that layout for the next call; values unchanged,
+    # and train() puts them back row-major, as training expects
+    assert not all(p.is_contiguous() for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.train()
+    assert all(p.is_contiguous() for p in model.parameters())
+    model.eval()
     seq = prompt
     for _ in range(30):  # greedy decoding without a cache: the whole sequence every step
         seq = torch.cat([seq, full_logits(model, seq)[:, -1].argmax(-1, keepdim=True)], dim=1)

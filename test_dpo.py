@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import tasks
-from chat import dpo_loss, is_pairs, pair_windows, read_pairs, render, render_pair
+from chat import DPO_STATS as STATS, dpo_loss, is_pairs, pair_windows, read_pairs, render, render_pair
 from lora import adapters_off, add_lora
 from model import GPT, GPTConfig, load_model, sequence_logprobs
 from prepare import load_tokenizer, train_bpe
-from test_chat_sft import ANSWER, QUESTION, sft, write_jsonl
+from test_chat_sft import ANSWER, QUESTION, SFT, sft, write_jsonl
 from test_sample_eval_export import DOCS, random_model, write_data, write_export
 from test_tasks import corpus  # noqa: F401 (a fixture)
-from test_train import load_ckpt, read_log
+from test_train import load_ckpt, read_log, train
 
 # Each prompt's chosen reply is one text of the fixture, its rejected reply another: the preference to learn
 PAIRS = [{'prompt': QUESTION, 'chosen': ANSWER, 'rejected': 'Aspirin, twice daily.'},
@@ -157,16 +157,11 @@ def test_a_bad_pair_line_is_a_one_line_error_naming_file_and_line_or_skipped(tmp
     assert skipped == 1 and [r['chosen'] for r in records] == [ANSWER, 'Aspirin.']
 
 
-def test_pairs_that_do_not_fit_whole_are_dropped_and_counted(tok):
+def test_pairs_that_do_not_fit_whole_are_dropped_and_counted(tok, tmp_path):
     long = {'prompt': DOCS[0] * 2, 'chosen': 'Yes.', 'rejected': DOCS[1] * 3}
-    x, y, stats = pair_windows(read_pairs_of([PAIRS[0], long]), tok, block_size=48)
+    records, _ = read_pairs(write_jsonl(str(tmp_path / 'train.jsonl'), [PAIRS[0], long]))
+    x, y, stats = pair_windows(records, tok, block_size=48)
     assert (stats['pairs'], stats['dropped']) == (2, 1) and x.shape == y.shape == (1, 2, 48)
-
-
-def read_pairs_of(records):
-    for r in records:
-        r.setdefault('messages', [{'role': 'user', 'content': r['prompt']}])
-    return records
 
 
 # ----------------------------------------------------------------------------- DPO through train.py
@@ -235,6 +230,19 @@ def test_dpo_with_lora_trains_only_adapters_and_leaves_the_base_bit_for_bit(base
           f"accuracy {evals[0]['val_reward_accuracy']} -> {evals[-1]['val_reward_accuracy']}")
     assert evals[0]['val_loss'] == pytest.approx(math.log(2), abs=1e-6)
     assert evals[-1]['val_margin'] > evals[0]['val_margin'] and evals[-1]['val_reward_accuracy'] == 1.0
+
+
+def test_dpo_on_two_processes_matches_one_process_with_the_same_global_batch(base, pairs, tmp_path):
+    args = [f'--init_from={base}', *DPO, '--max_iters=4', '--gradient_accumulation_steps=2']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    sft(one, pairs, *args)
+    result = train(two, pairs, *SFT, *args, nproc=2)  # train.py's flags as sft() gives them, under torchrun
+    assert '2 processes x 1 micro-steps x 4 pairs x 2' in result.stdout
+    (a, ea), (b, eb) = read_log(one), read_log(two)
+    diff = max(abs(x[k] - y[k]) for x, y in zip(a + ea, b + eb) for k in x if k in STATS or k.startswith('val_'))
+    weight_diff = max_difference(weights(one), weights(two))
+    print(f'DPO, 1 vs 2 processes: max difference of a logged figure {diff:.3g}, of a weight {weight_diff:.3g}')
+    assert len(b) == 4 and diff < 1e-5 and weight_diff < 1e-5 and ea[-1]['val_margin'] > 0
 
 
 def test_dpo_refuses_lora_that_trains_the_embeddings_and_bad_pair_lines(base, pairs, tmp_path):

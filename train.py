@@ -227,10 +227,10 @@ with open(meta_path) as f:
 token_dtype = np.dtype(meta['dtype'])
 splits = {}
 for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.jsonl')
+    if chat_data and not os.path.exists(path):
+        raise SystemExit(f'error: {path} not found: chat data needs train.jsonl and val.jsonl')
     if dpo_data:  # every pair rendered once, up front: (pairs, 2, block_size) inputs and targets
-        path = os.path.join(data_dir, f'{split}.jsonl')
-        if not os.path.exists(path):
-            raise SystemExit(f'error: {path} not found: preference pairs need train.jsonl and val.jsonl')
         records, skipped = read_pairs(path, skip_bad)
         x, y, stats = pair_windows(records, load_tokenizer(tokenizer_dir), block_size)
         if master_process:
@@ -241,9 +241,6 @@ for split in ('train', 'val'):
         splits[split] = (torch.from_numpy(x), torch.from_numpy(y))
         continue
     if chat_data:  # every window is packed once, up front: (windows, block_size) inputs and targets
-        path = os.path.join(data_dir, f'{split}.jsonl')
-        if not os.path.exists(path):
-            raise SystemExit(f'error: {path} not found: chat data needs train.jsonl and val.jsonl')
         records, skipped = read_conversations(path, skip_bad)
         x, y, stats = pack([r['messages'] for r in records], load_tokenizer(tokenizer_dir), block_size, seed)
         if master_process:

@@ -38,13 +38,14 @@ def require_chat(tok, model_vocab_size=None):
     return tok.chat
 
 
-def render(messages, tok, add_generation_prompt=False):
+def render(messages, tok, add_generation_prompt=False, encoded=None):
     """Token ids of a conversation and a same-length mask: 1 where the model learns (assistant content and
-    its <|end|>), 0 elsewhere. With add_generation_prompt, ends with <|assistant|> for the reply to follow."""
+    its <|end|>), 0 elsewhere. With add_generation_prompt, ends with <|assistant|> for the reply to follow.
+    encoded: the messages' contents already encoded (pack encodes all conversations in one batch)."""
     chat = require_chat(tok)
     ids, mask = [], []
-    for m in messages:
-        content = tok.encode(m['content'])
+    for i, m in enumerate(messages):
+        content = encoded[i] if encoded is not None else tok.encode(m['content'])
         trains = int(m['role'] == 'assistant')
         ids += [chat[m['role']]] + content + [chat['end']]
         mask += [0] + [trains] * (len(content) + 1)
@@ -164,8 +165,9 @@ def pack(conversations, tok, block_size, seed=0):
     Conversations sharing a window can attend to one another, as documents do in pre-training."""
     T = block_size + 1
     rendered, stats = [], dict(conversations=len(conversations), truncated=0, dropped=0)
+    encoded = iter(tok.encode_batch([m['content'] for messages in conversations for m in messages]))
     for messages in conversations:
-        ids, mask = render(messages, tok)
+        ids, mask = render(messages, tok, encoded=[next(encoded) for _ in messages])
         if len(ids) > T:
             ids, mask = ids[:T], mask[:T]
             if not any(mask[1:]):

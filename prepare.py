@@ -293,24 +293,26 @@ def train_bpe(texts, vocab_size):
     return tok
 
 def load_tokenizer(folder, gpt2_ranks=None):
-    """The tokenizer of a prepared dataset: .encode(str) -> ids (no specials added), .decode(ids) -> str,
-    .eos_id, .vocab_size (the data's ids), .kind, and .chat: the ids of CHAT_TOKENS by name (system, user,
-    assistant, end), or None for a bpe vocabulary trained before they were reserved."""
+    """The tokenizer of a prepared dataset: .encode(str) -> ids (no specials added), .encode_batch([str]) -> [ids]
+    (on parallel threads), .decode(ids) -> str, .eos_id, .vocab_size (the data's ids), .kind, and .chat: the ids
+    of CHAT_TOKENS by name (system, user, assistant, end), or None for a bpe vocabulary trained before them."""
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     if meta["tokenizer"] == "bpe":
         tok = Tokenizer.from_file(os.path.join(folder, meta["tokenizer_file"]))
         tok.encode_special_tokens = True  # as in train_bpe: tokenizer.json does not keep it
         encode = lambda s: tok.encode(s, add_special_tokens=False).ids
+        encode_batch = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)
         chat_ids = [tok.token_to_id(t) for t in CHAT_TOKENS]
     else:
         enc = gpt2_encoding(gpt2_ranks)
         encode, decode = enc.encode_ordinary, lambda ids: enc.decode(list(ids))
+        encode_batch = lambda texts: enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
         chat_ids = [enc._special_tokens.get(t) for t in CHAT_TOKENS]  # tiktoken's own download has none
     chat = None if None in chat_ids else dict(zip(["system", "user", "assistant", "end"], chat_ids))
-    return SimpleNamespace(kind=meta["tokenizer"], encode=encode, decode=decode, eos_id=meta["eos_id"],
-                           vocab_size=meta["vocab_size"], chat=chat)
+    return SimpleNamespace(kind=meta["tokenizer"], encode=encode, encode_batch=encode_batch, decode=decode,
+                           eos_id=meta["eos_id"], vocab_size=meta["vocab_size"], chat=chat)
 
 # -----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ instructions synthesized from medical documents, no hand labelling):
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks                  # the inputs data_dir was prepared from
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks --max_chars=600  # short enough for a 256-token model
   python tasks.py --data_dir=data/pubmed_4k --out=data/pairs --max_chars=600 --pairs  # DPO preference pairs
+  python tasks.py --data_dir=data/pubmed_4k --out=data/tasks_small --max_chars=600 --max_train_items=8000  # the demo's
 
 task               kind             from
 title              generation       the abstract -> its title (ROUGE-L)
@@ -223,6 +224,21 @@ def preference_pairs(items, seed):
     return pairs
 
 
+def cap_train(items, max_items, seed):
+    """At most max_items items per task, a seeded sample in file order. The fixed-option tasks keep at most
+    max_items / 4 per answer, so a skewed class (87% of the articles are research articles) cannot teach one
+    answer for everything; the held-out splits keep the corpus's own mix, and report its majority rate."""
+    groups = {}
+    for i, it in enumerate(items):
+        fixed = it['task'] in ('publication_type', 'sentence_section')
+        groups.setdefault((it['task'], it['messages'][1]['content'] if fixed else ''), []).append(i)
+    rng, keep = random.Random(seed), []
+    for (task, answer), members in groups.items():
+        limit = max_items // len(PUBLICATION_TYPES) if answer else max_items
+        keep += rng.sample(members, limit) if len(members) > limit else members
+    return [items[i] for i in sorted(keep)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('paths', nargs='*', help='PubMed XML files or folders; none: the inputs listed in data_dir')
@@ -230,6 +246,8 @@ def main(argv=None):
     p.add_argument('--out', default='data/tasks', help='output folder, replaced only by a complete new one')
     p.add_argument('--max_chars', type=int, default=1500, help="longest document text in a prompt (cut at a sentence)")
     p.add_argument('--seed', type=int, default=1337, help='distractors, sentences, option order and rejected replies')
+    p.add_argument('--max_train_items', type=int, default=0,
+                   help='train split: at most this many items per task, the multiple-choice classes balanced; 0: all')
     p.add_argument('--pairs', action='store_true', help='write DPO preference pairs of the generation tasks instead')
     args = p.parse_args(argv)
     meta_path = os.path.join(args.data_dir, 'meta.json')
@@ -267,6 +285,8 @@ def main(argv=None):
         for doc_id, fields in members.items():
             rng = random.Random(f'{args.seed}:{doc_id}')
             items += document_items(doc_id, fields, titles, rng, args.max_chars, split != 'train', dropped)
+        if split == 'train' and args.max_train_items:
+            items = cap_train(items, args.max_train_items, args.seed)
         splits[split] = preference_pairs(items, args.seed) if args.pairs else items
         counts[split] = dict(sorted(Counter(i['task'] for i in splits[split]).items()))
     classes = {t: dict(Counter(i['messages'][1]['content'] for i in splits['test'] if i['task'] == t))
@@ -280,7 +300,8 @@ def main(argv=None):
                 f.writelines(json.dumps(i, ensure_ascii=False) + '\n' for i in items)
         with open(os.path.join(tmp, 'counts.json'), 'w') as f:
             json.dump(dict(items=counts, dropped=dict(dropped), test_classes=classes, max_chars=args.max_chars,
-                           data_dir=args.data_dir, pairs=args.pairs), f, indent=2)
+                           max_train_items=args.max_train_items, data_dir=args.data_dir,
+                           pairs=args.pairs), f, indent=2)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)

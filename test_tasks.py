@@ -142,3 +142,18 @@ def test_a_changed_input_or_a_missing_dataset_is_a_one_line_error(corpus, tmp_pa
     message = str(e.value.code)
     print(message)
     assert str(changed) in message and 'changed' in message and not os.path.exists(tmp_path / 'o')
+
+
+def test_max_train_items_caps_each_task_and_balances_answers_but_leaves_held_out_splits_whole(corpus, tmp_path):
+    out = str(tmp_path / 'capped')
+    tasks.main(['--data_dir', corpus['data'], '--out', out, '--max_train_items', '8'])
+    items = {s: [json.loads(l) for l in open(os.path.join(out, f'{s}.jsonl'))] for s in ('train', 'val', 'test')}
+    assert items['val'] == corpus['items']['val'] and items['test'] == corpus['items']['test']
+    full = corpus['items']['train']
+    assert all(i in full for i in items['train'])
+    for task in {i['task'] for i in full}:
+        kept = [i for i in items['train'] if i['task'] == task]
+        assert len(kept) == min(8, len([i for i in full if i['task'] == task])), task
+        if task in ('publication_type', 'sentence_section'):  # at most 8 / 4 per answer
+            answers = [i['messages'][1]['content'] for i in kept]
+            assert max(answers.count(a) for a in answers) <= 2 and len(set(answers)) == 4, task

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -37,10 +38,27 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in peft and litgpt
         self.scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # False: the base Linear alone (adapters_off)
 
     def forward(self, x):
+        if not self.enabled:
+            return super().forward(x)
         # scaled in the rank-wide middle: the cheapest place for the multiply
         return super().forward(x) + (self.lora_dropout(x) @ self.lora_A.t() * self.scale) @ self.lora_B.t()
+
+
+@contextmanager
+def adapters_off(model):
+    """Within it, the model computes as its base, every adapter skipped: DPO's reference with no second copy of
+    the weights. A model without adapters is unchanged."""
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapted:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in adapted:
+            m.enabled = True
 
 
 def add_lora(model, rank, alpha, dropout=0.0, targets=','.join(TARGETS), train_embeddings=False):
@@ -93,17 +111,25 @@ def sha256(file):
         return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
+def load_base(record, vocab_size, device='cpu'):
+    """The model a training run started from (LoRA's base, DPO's reference), named by record ({'base': path,
+    'base_sha256': of its weights file}) and refused if it changed since; its vocabulary grown to vocab_size as
+    train.py grew it."""
+    file = weights_file(record['base'])
+    if not os.path.exists(file) or sha256(file) != record['base_sha256']:
+        raise SystemExit(f"error: the base model {file} is missing or changed since training (its sha256 was "
+                         f"{record['base_sha256'][:16]}...): the run's adapters or DPO reference fit only that model")
+    model = load_model(record['base'], device)
+    if vocab_size > model.config.vocab_size:  # train.py grew it for chat tokens
+        model = grow_vocab(model, vocab_size)
+    return model
+
+
 def load_lora(checkpoint, device='cpu'):
     """The model of a LoRA training checkpoint, adapters not merged: its base (which must not have changed since)
     wrapped in the checkpoint's adapters."""
     lora = checkpoint['lora']
-    file = weights_file(lora['base'])
-    if not os.path.exists(file) or sha256(file) != lora['base_sha256']:
-        raise SystemExit(f"error: the LoRA base {file} is missing or changed since training (its sha256 was "
-                         f"{lora['base_sha256'][:16]}...): the adapters fit only that model")
-    model = load_model(lora['base'], device)
-    if checkpoint['model_args']['vocab_size'] > model.config.vocab_size:  # train.py grew it for chat tokens
-        model = grow_vocab(model, checkpoint['model_args']['vocab_size'])
+    model = load_base(lora, checkpoint['model_args']['vocab_size'], device)
     add_lora(model, **lora['adapters'])
     _, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
     missing = sorted(set(adapter_state_dict(model)) - set(checkpoint['model']))

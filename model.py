@@ -208,6 +208,16 @@ def cross_entropy_loss(h, weight, targets, chunk_rows=None):
     return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)  # eval: no gradients needed
 
 
+def sequence_logprobs(h, weight, targets):
+    """(B,) the summed log-probabilities of each row's targets (-1: not counted), in fp32: DPO's scores of a
+    reply. Only the counted positions go through the head (a reply is a small part of its sequence); selecting
+    them costs a host sync on a GPU."""
+    counted = targets != -1
+    logp = torch.log_softmax((h[counted] @ weight.t()).float(), dim=-1)  # (counted positions, vocab)
+    logp = logp.gather(1, targets[counted][:, None])[:, 0]
+    return torch.zeros(targets.shape, dtype=torch.float32, device=h.device).masked_scatter(counted, logp).sum(-1)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -260,12 +270,15 @@ class GPT(nn.Module):
             x = layer(x, rope, pos)
         return self.norm(x)
 
-    def forward(self, idx, targets=None, pos=0):
-        """With targets: (None, mean loss); the loss is fused with the head, so full logits never exist.
+    def forward(self, idx, targets=None, pos=0, logprobs=False):
+        """With targets: (None, mean loss); the loss is fused with the head, so full logits never exist. With
+        targets and logprobs: (None, (B,) summed log-probabilities of each row's targets), for DPO.
         Without: (logits of the last position (B, 1, vocab) in fp32, None)."""
         h = self.hidden(idx, pos)
         if targets is None:
             return self.output(h[:, [-1], :]).float(), None
+        if logprobs:
+            return None, sequence_logprobs(h, self.output.weight, targets)
         return None, cross_entropy_loss(h, self.output.weight, targets)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=None):

@@ -4,6 +4,7 @@ instructions synthesized from medical documents, no hand labelling):
 
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks                  # the inputs data_dir was prepared from
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks --max_chars=600  # short enough for a 256-token model
+  python tasks.py --data_dir=data/pubmed_4k --out=data/pairs --max_chars=600 --pairs  # DPO preference pairs
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks_small --max_chars=600 --max_train_items=8000  # the demo's
 
 task               kind             from
@@ -23,6 +24,11 @@ document whose text or title equals a train document's yields no items. Output i
 test.jsonl (chat lines, see chat.py: {"task", "doc_id", "messages", and "options" + "answer" for multiple
 choice or "metric" for generation}) and counts.json; the count table is printed. PMC articles and plain-text
 inputs give no items (they have none of these fields).
+
+--pairs writes preference pairs for DPO instead, from the generation tasks: {"task", "doc_id", "prompt", "chosen":
+the document's own answer, "rejected": the answer of another document of the same split to the same task,
+drawn with a seeded generator}. No labelling and no model sampling: cheap, deterministic, and the rejected
+replies are fluent text of the right kind, wrong only for this document.
 """
 import argparse
 import gzip
@@ -40,6 +46,7 @@ from tqdm import tqdm
 
 from prepare import NO_LABEL, embedded_corpus, input_files, jats_record, kind_of, pubmed_record, split_of, squash, text_of
 
+GENERATION = ('title', 'conclusions', 'mesh_topics', 'keywords')  # the tasks with a free-text answer
 SECTIONS = {'BACKGROUND': 'background', 'OBJECTIVE': 'background', 'METHODS': 'methods', 'RESULTS': 'results',
             'CONCLUSIONS': 'conclusions'}
 PUBLICATION_TYPES = ['case report', 'clinical trial', 'review', 'research article']
@@ -193,6 +200,30 @@ def document_items(doc_id, fields, titles, rng, max_chars, held_out, dropped):
     return items
 
 
+def preference_pairs(items, seed):
+    """DPO pairs of one split's generation items: chosen = the item's answer, rejected = another document's
+    answer to the same task (of this split, so a held-out pair holds only held-out text), never the same text."""
+    answers = {}
+    for i in items:
+        if i['task'] in GENERATION:
+            answers.setdefault(i['task'], []).append(i['messages'][1]['content'])
+    copies = {task: Counter(pool) for task, pool in answers.items()}
+    pairs = []
+    for i in items:
+        if i['task'] not in GENERATION:
+            continue
+        chosen, pool = i['messages'][1]['content'], answers[i['task']]
+        if copies[i['task']][chosen] == len(pool):  # no other answer to draw
+            continue
+        rng = random.Random(f"{seed}:{i['doc_id']}:{i['task']}")
+        rejected = chosen
+        while rejected == chosen:
+            rejected = pool[rng.randrange(len(pool))]
+        pairs.append(dict(task=i['task'], doc_id=i['doc_id'], prompt=i['messages'][0]['content'], chosen=chosen,
+                          rejected=rejected))
+    return pairs
+
+
 def cap_train(items, max_items, seed):
     """At most max_items items per task, a seeded sample in file order. The fixed-option tasks keep at most
     max_items / 4 per answer, so a skewed class (87% of the articles are research articles) cannot teach one
@@ -214,9 +245,10 @@ def main(argv=None):
     p.add_argument('--data_dir', required=True, help="prepare.py's output: its split fractions, min_chars and inputs")
     p.add_argument('--out', default='data/tasks', help='output folder, replaced only by a complete new one')
     p.add_argument('--max_chars', type=int, default=1500, help="longest document text in a prompt (cut at a sentence)")
-    p.add_argument('--seed', type=int, default=1337, help='distractors, sentences and option order')
+    p.add_argument('--seed', type=int, default=1337, help='distractors, sentences, option order and rejected replies')
     p.add_argument('--max_train_items', type=int, default=0,
                    help='train split: at most this many items per task, the multiple-choice classes balanced; 0: all')
+    p.add_argument('--pairs', action='store_true', help='write DPO preference pairs of the generation tasks instead')
     args = p.parse_args(argv)
     meta_path = os.path.join(args.data_dir, 'meta.json')
     try:
@@ -255,10 +287,10 @@ def main(argv=None):
             items += document_items(doc_id, fields, titles, rng, args.max_chars, split != 'train', dropped)
         if split == 'train' and args.max_train_items:
             items = cap_train(items, args.max_train_items, args.seed)
-        splits[split] = items
-        counts[split] = dict(sorted(Counter(i['task'] for i in items).items()))
+        splits[split] = preference_pairs(items, args.seed) if args.pairs else items
+        counts[split] = dict(sorted(Counter(i['task'] for i in splits[split]).items()))
     classes = {t: dict(Counter(i['messages'][1]['content'] for i in splits['test'] if i['task'] == t))
-               for t in ('publication_type', 'sentence_section')}
+               for t in ('publication_type', 'sentence_section') if not args.pairs}
     out = os.path.abspath(args.out)
     tmp = f'{out}.tmp-{os.getpid()}'
     os.makedirs(tmp)
@@ -268,14 +300,15 @@ def main(argv=None):
                 f.writelines(json.dumps(i, ensure_ascii=False) + '\n' for i in items)
         with open(os.path.join(tmp, 'counts.json'), 'w') as f:
             json.dump(dict(items=counts, dropped=dict(dropped), test_classes=classes, max_chars=args.max_chars,
-                           max_train_items=args.max_train_items, data_dir=args.data_dir), f, indent=2)
+                           max_train_items=args.max_train_items, data_dir=args.data_dir,
+                           pairs=args.pairs), f, indent=2)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print('\n| task | train | val | test |\n|---|---|---|---|')
-    for task in INSTRUCTIONS:
+    for task in GENERATION if args.pairs else INSTRUCTIONS:
         print(f"| {task} | " + ' | '.join(f"{counts[s].get(task, 0):,}" for s in ('train', 'val', 'test')) + ' |')
     print(f"documents: {', '.join(f'{s} {len(m):,}' for s, m in by_split.items())}; dropped: "
           + (', '.join(f'{k} {v:,}' for k, v in dropped.items()) or 'none') + f'; test classes: {classes}')

@@ -9,9 +9,15 @@ Instruction tuning (SFT) is the same loop on chat data: a data_dir of train.json
 (chat.py), packed into block_size windows, the loss on assistant tokens only:
 
     python train.py config/sft_tiny_cpu.py                     # init_from=out-tiny, data_dir=data/tasks
+
+Preference tuning (DPO) too: a data_dir whose train.jsonl and val.jsonl hold preference pairs (prompt, chosen,
+rejected; chat.py), the loss DPO's on the replies, against the starting model as the reference:
+
+    python train.py config/dpo_tiny_cpu.py                     # init_from=out-sft-tiny, data_dir=data/pairs
 A finished run leaves out_dir/export/ (weights, configs, optimizer, tokenizer, loss curves); --export_only=True
 rebuilds it from out_dir/ckpt.pt.
 """
+import copy
 import json
 import math
 import os
@@ -31,8 +37,9 @@ from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from lora import adapter_state_dict, add_lora, load_lora, merge_lora, save_peft, sha256, weights_file
-from chat import pack, read_conversations, require_chat
+from lora import (adapter_state_dict, adapters_off, add_lora, load_base, load_lora, merge_lora, save_peft, sha256,
+                  weights_file)
+from chat import DPO_STATS, dpo_loss, is_pairs, pack, pair_windows, read_conversations, read_pairs, require_chat
 from model import GPT, GPTConfig, grow_vocab, load_checkpoint, load_model, tokenizer_folder
 from prepare import load_tokenizer
 
@@ -48,6 +55,7 @@ export_only = False         # just rebuild out_dir/export/ from out_dir/ckpt.pt
 # data
 data_dir = 'data/pubmed'    # prepare.py's output (meta.json, .bin shards), or chat JSON lines (train.jsonl, val.jsonl)
 skip_bad = False            # chat data: skip (and count) bad JSON lines rather than stop at the first
+dpo_beta = 0.1              # DPO (chat data of preference pairs): how far the rewards may pull from the reference
 gradient_accumulation_steps = 40  # micro-steps per optimizer step, summed over all ranks
 batch_size = 12             # sequences per micro-step
 block_size = 1024
@@ -127,7 +135,8 @@ def export(checkpoint):
     ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
     ax.plot([e['iter'] for e in evals], [e['train_loss'] for e in evals], 'o-', color='tab:blue', label='train (eval)')
     ax.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 's-', color='tab:orange', label='val (eval)')
-    ax.set(xlabel='iteration (optimizer steps)', ylabel='cross-entropy loss (nats per token)',
+    ax.set(xlabel='iteration (optimizer steps)',
+           ylabel='DPO loss (nats per pair)' if checkpoint.get('dpo') else 'cross-entropy loss (nats per token)',
            title=f"{os.path.basename(os.path.abspath(out_dir))} ({checkpoint['iter_num']} iterations)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -196,10 +205,13 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
 ptdtype = getattr(torch, dtype)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# data: token shards from prepare.py (pre-training), or chat conversations (instruction tuning), whose tokenizer
-# is the model's own
+# data: token shards from prepare.py (pre-training), or chat conversations (instruction tuning) or preference
+# pairs (DPO, told apart by their first line's "chosen"), whose tokenizer is the model's own
 meta_path = os.path.join(data_dir, 'meta.json')
 chat_data = not os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, 'train.jsonl'))
+dpo_data = chat_data and is_pairs(os.path.join(data_dir, 'train.jsonl'))
+if dpo_data:
+    tokens_per_iter *= 2  # a pair is two sequences
 tokenizer_dir = data_dir
 if chat_data:
     tokenizer_dir = tokenizer_folder(out_dir if init_from == 'resume' else init_from)
@@ -215,10 +227,20 @@ with open(meta_path) as f:
 token_dtype = np.dtype(meta['dtype'])
 splits = {}
 for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.jsonl')
+    if chat_data and not os.path.exists(path):
+        raise SystemExit(f'error: {path} not found: chat data needs train.jsonl and val.jsonl')
+    if dpo_data:  # every pair rendered once, up front: (pairs, 2, block_size) inputs and targets
+        records, skipped = read_pairs(path, skip_bad)
+        x, y, stats = pair_windows(records, load_tokenizer(tokenizer_dir), block_size)
+        if master_process:
+            print(f"{path}: {len(x):,} preference pairs ({skipped} bad lines skipped, {stats['dropped']} longer than "
+                  f"block_size={block_size} dropped), {stats['trained']:,} reply tokens")
+        if len(x) == 0:
+            raise SystemExit(f'error: {path} has no pair that fits whole in block_size={block_size}')
+        splits[split] = (torch.from_numpy(x), torch.from_numpy(y))
+        continue
     if chat_data:  # every window is packed once, up front: (windows, block_size) inputs and targets
-        path = os.path.join(data_dir, f'{split}.jsonl')
-        if not os.path.exists(path):
-            raise SystemExit(f'error: {path} not found: chat data needs train.jsonl and val.jsonl')
         records, skipped = read_conversations(path, skip_bad)
         x, y, stats = pack([r['messages'] for r in records], load_tokenizer(tokenizer_dir), block_size, seed)
         if master_process:
@@ -243,7 +265,7 @@ def get_batch(split, generator):
     if chat_data:
         windows, targets = splits[split]
         ix = torch.randint(len(windows), (batch_size,), generator=generator)
-        x, y = windows[ix], targets[ix]
+        x, y = windows[ix].view(-1, block_size), targets[ix].view(-1, block_size)  # DPO: chosen, rejected, chosen...
     else:
         files, starts = splits[split]
         ends = np.cumsum(starts)
@@ -304,6 +326,25 @@ if lora_rank and init_from != 'resume':
     add_lora(model, **adapters)
 if lora and master_process:
     print(f"LoRA on {lora['base']}: {sum(p.numel() for p in adapter_state_dict(model).values()):,} parameters train")
+# DPO's reference is the starting model: with LoRA the same weights with the adapters off; else a frozen copy,
+# which a resumed run reloads from the model it started from (named in the checkpoint, refused if it changed)
+dpo, reference = None, None
+if dpo_data:
+    if lora and lora['adapters']['train_embeddings']:
+        raise SystemExit('error: DPO with LoRA takes the base (adapters off) as its reference, which '
+                         'lora_train_embeddings would move: train the adapters alone')
+    if init_from != 'resume':
+        dpo = {'reference': None if lora else {'base': os.path.abspath(init_from),
+                                               'base_sha256': sha256(weights_file(init_from))}}
+        reference = None if lora else copy.deepcopy(model)
+    elif not checkpoint.get('dpo'):
+        raise SystemExit(f'error: {ckpt_path} is not a DPO run: start one from it with --init_from={out_dir} '
+                         'and another out_dir')
+    else:
+        dpo = checkpoint['dpo']
+        reference = None if lora else load_base(dpo['reference'], model.config.vocab_size)
+    if reference is not None:
+        reference.requires_grad_(False).eval().to(device)
 model_args = asdict(model.config)
 if model_args['vocab_size'] < meta['vocab_size']:
     raise SystemExit(f"error: the model's vocab_size {model_args['vocab_size']} is smaller than the data's "
@@ -343,6 +384,30 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+STATS = DPO_STATS if dpo_data else ('loss',)  # what the log records of every step
+
+
+def objective(model, X, Y):
+    """The loss of a batch, and its STATS, detached: the loss alone, or with DPO its rewards too."""
+    if not dpo_data:
+        loss = model(X, Y)[1]
+        return loss, loss.detach().float()[None]
+    logps = model(X, Y, logprobs=True)[1]
+    return dpo_loss(logps.view(-1, 2), reference_logps(X, Y).view(-1, 2), dpo_beta)
+
+
+@torch.no_grad()
+def reference_logps(X, Y):
+    # the starting model, without dropout (as the policy is at step 0 with dropout off): the same weights with
+    # the adapters off, or the frozen copy; either way uncompiled and outside DDP, which a no-grad pass needs not
+    model = reference if reference is not None else raw_model
+    training = model.training
+    with adapters_off(model):
+        logps = model.eval()(X, Y, logprobs=True)[1]
+    model.train(training)
+    return logps
+
+
 @torch.no_grad()
 def estimate_loss():
     # Batch k is drawn from its own seed: every evaluation sees the same windows (comparable over time, and
@@ -351,14 +416,14 @@ def estimate_loss():
     raw_model.eval()
     out = {}
     for split in ('train', 'val'):
-        total = torch.zeros((), device=device)
+        total = torch.zeros(len(STATS), device=device)
         for k in range(ddp_rank, eval_iters, ddp_world_size):
             X, Y = get_batch(split, torch.Generator().manual_seed(seed + 10**6 + k))
             with ctx:
-                total += raw_model(X, Y)[1].float()
+                total += objective(raw_model, X, Y)[1]
         if ddp:
             dist.all_reduce(total)
-        out[split] = total.item() / eval_iters
+        out[split] = dict(zip(STATS, (total / eval_iters).tolist()))
     raw_model.train()
     return out
 
@@ -381,38 +446,46 @@ def flush_steps():
     global pending, t_flush
     if not pending:
         return
-    losses = torch.stack([p[1] for p in pending])
+    stats = torch.stack([p[1] for p in pending])  # (steps, STATS)
     if ddp:
-        dist.all_reduce(losses)
-        losses /= ddp_world_size
+        dist.all_reduce(stats)
+        stats /= ddp_world_size
     now = time.time()
     dt = (now - t_flush) / len(pending)  # only the interval is timed accurately: the device runs ahead
     tokens_per_s = tokens_per_iter / dt
     mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak_flops)  # per device
-    for (it, _, lr, elapsed), loss in zip(pending, losses.tolist()):
+    for (it, _, lr, elapsed), values in zip(pending, stats.tolist()):
+        record = dict(zip(STATS, values))
+        loss = record['loss']
         history['train_loss'].append(loss)
-        log({'iter': it, 'loss': loss, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu, 'elapsed_s': elapsed})
+        log({'iter': it, **record, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu, 'elapsed_s': elapsed})
         if not math.isfinite(loss):
             stop(f'the loss became {loss} at iter {it}')
     if master_process:
-        print(f'iter {it}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, '
-              f'mfu {mfu * 100:.2f}%')
+        rewards = ''.join(f', {k.replace("_", " ")} {v:.4f}' for k, v in record.items() if k != 'loss')
+        print(f'iter {it}: loss {loss:.4f}{rewards}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} '
+              f'tokens/s, mfu {mfu * 100:.2f}%')
     pending, t_flush = [], now
 
 
 def evaluate():
-    losses = estimate_loss()
-    record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-              'val_ppl': math.exp(min(losses['val'], 700))}  # math.exp raises past ~709
+    stats = estimate_loss()
+    record = {'iter': iter_num, 'train_loss': stats['train']['loss'], 'val_loss': stats['val']['loss']}
+    if dpo_data:  # rewards, not perplexity: the loss is over pairs
+        record.update({f'val_{k}': v for k, v in stats['val'].items() if k != 'loss'})
+        scores = f", val reward accuracy {record['val_reward_accuracy']:.3f}, val margin {record['val_margin']:.4f}"
+    else:
+        record['val_ppl'] = math.exp(min(record['val_loss'], 700))  # math.exp raises past ~709
+        scores = f", val ppl {record['val_ppl']:.2f}"
     if not chat_data:  # chat data scores assistant tokens only: no bytes-per-token of the whole text to convert by
         split = meta['splits']['val']
-        record['val_bpb'] = losses['val'] / math.log(2) * split['tokens'] / split['bytes']
+        record['val_bpb'] = record['val_loss'] / math.log(2) * split['tokens'] / split['bytes']
+        scores += f", val bits/byte {record['val_bpb']:.4f}"
     history['eval'].append(record)
     log(record)
     if master_process:
-        print(f"step {iter_num}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
-              f"val ppl {record['val_ppl']:.2f}" + (f", val bits/byte {record['val_bpb']:.4f}" if not chat_data else ''))
-    return losses['val']
+        print(f"step {iter_num}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}{scores}")
+    return record['val_loss']
 
 
 def save_checkpoint():
@@ -430,7 +503,7 @@ def save_checkpoint():
                   'optimizer': optimizer.state_dict(),
                   'scaler': scaler.state_dict(), 'model_args': model_args, 'config': config, 'iter_num': iter_num,
                   'best_val_loss': best_val_loss, 'history': history, 'data_dir': data_dir, 'meta': meta,
-                  'tokenizer_dir': tokenizer_dir,
+                  'tokenizer_dir': tokenizer_dir, 'dpo': dpo,
                   'rng': {'data': [s for r in ranks for s in r['data']], 'torch': [r['torch'] for r in ranks],
                           'cuda': [r['cuda'] for r in ranks]}}
     tmp = ckpt_path + '.tmp'  # a crash while writing leaves the previous checkpoint whole
@@ -457,11 +530,12 @@ if master_process:
     if init_from != 'resume':
         open(os.path.join(out_dir, 'log.jsonl'), 'w').close()
     print(f'{raw_model.get_num_params():,} parameters, {tokens_per_iter:,} tokens per iteration '
-          f'({ddp_world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size} x {block_size}), '
+          f'({ddp_world_size} processes x {gradient_accumulation_steps} micro-steps x {batch_size}'
+          f'{" pairs x 2" if dpo_data else ""} x {block_size}), '
           f'{dtype} on {device}')
 
 # training loop
-pending = []  # (iter, loss on the device, lr, elapsed_s) of the steps not yet logged
+pending = []  # (iter, STATS on the device, lr, elapsed_s) of the steps not yet logged
 t0 = t_flush = time.time()
 stopping = False
 if iter_num == 0:
@@ -472,16 +546,16 @@ while iter_num < max_iters:
     for group in optimizer.param_groups:
         group['lr'] = lr
     X, Y = get_batch('train', train_gens[0])
-    step_loss = torch.zeros((), device=device)
+    step_stats = torch.zeros(len(STATS), device=device)
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients only once, after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
-            _, loss = model(X, Y)
+            loss, stats = objective(model, X, Y)
             loss = loss / gradient_accumulation_steps
         if micro_step + 1 < gradient_accumulation_steps:  # read the next batch while the device computes
             X, Y = get_batch('train', train_gens[micro_step + 1])
-        step_loss += loss.detach().float()
+        step_stats += stats / gradient_accumulation_steps
         scaler.scale(loss).backward()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
@@ -489,7 +563,7 @@ while iter_num < max_iters:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    pending.append((iter_num, step_loss, lr, time.time() - t0))
+    pending.append((iter_num, step_stats, lr, time.time() - t0))
     iter_num += 1
 
     stopping = stop_requested

@@ -15,10 +15,10 @@ import torch
 import tasks
 from chat import DPO_STATS as STATS, dpo_loss, is_pairs, pair_windows, read_pairs, render, render_pair
 from lora import adapters_off, add_lora
-from model import GPT, GPTConfig, load_model, sequence_logprobs
+from model import load_model, sequence_logprobs
 from prepare import load_tokenizer, train_bpe
 from test_chat_sft import ANSWER, QUESTION, SFT, sft, write_jsonl
-from test_sample_eval_export import DOCS, random_model, write_data, write_export
+from test_sample_eval_export import DOCS, one_thread, random_model, write_data, write_export  # noqa: F401 (one_thread: a fixture)
 from test_tasks import corpus  # noqa: F401 (a fixture)
 from test_train import load_ckpt, read_log, train
 
@@ -28,15 +28,6 @@ PAIRS = [{'prompt': QUESTION, 'chosen': ANSWER, 'rejected': 'Aspirin, twice dail
          {'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Treat COPD?'}],
           'chosen': 'Bronchodilators.', 'rejected': 'Insulin.'}]
 DPO = ['--lr_decay_iters=8', '--eval_interval=4', '--eval_iters=2', '--dpo_beta=0.5']
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost several times over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

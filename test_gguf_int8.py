@@ -7,9 +7,6 @@ its tokenization, logits and greedy tokens must equal ours."""
 import dataclasses
 import json
 import os
-import runpy
-import sys
-from unittest import mock
 
 import gguf
 import numpy as np
@@ -19,6 +16,7 @@ import torch.nn.functional as F
 
 from chat import CHAT_TEMPLATE
 from model import GPT, GPTConfig
+from test_sample_eval_export import assert_close, one_thread, run  # noqa: F401 (one_thread: a fixture)
 from prepare import CHAT_TOKENS, load_tokenizer, train_bpe
 
 try:
@@ -41,25 +39,6 @@ DOCS = [
 TEXTS = DOCS + ['  two  spaces,\ttabs\nand newlines\n\n', "it's we'll they've I'm DON'T", 'x²+y² = z² 🙂 café',
                 'HbA1c 7.5%; eGFR < 30 mL/min/1.73 m²', 'a literal [EOS] or <|user|> is text', ' lead', 'end ']
 BASE = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=96, intermediate_size=96)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_close(a, b, atol, what):
-    diff = (a - b).abs().max().item()
-    print(f'{what}: max abs difference {diff:.3e} (largest value {a.abs().max().item():.1f})')
-    assert diff <= atol, f'{what}: max abs difference {diff:.3e} > {atol:.1e}'
-
-
-def run(script, *args):
-    with mock.patch.object(sys, 'argv', [script, *map(str, args)]):
-        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
 
 
 @pytest.fixture(scope='module')

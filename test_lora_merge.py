@@ -17,27 +17,13 @@ from safetensors.torch import save_model
 from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora, save_peft, sha256
 from model import GPT, GPTConfig, load_model
 from prepare import train_bpe
-from test_sample_eval_export import DOCS, random_model, run, write_data, write_export
+from test_sample_eval_export import (DOCS, assert_close, one_thread, random_model, run,  # noqa: F401 (a fixture)
+                                     write_data, write_export)
 from test_chat_sft import chat_data, sft
 from test_train import load_ckpt, read_log, train
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, multiple_of=16, vocab_size=300)
 CLASSIC = dict(norm='layernorm', pos_embedding='learned', mlp='gelu', n_kv_head=4, bias=True, tie_embeddings=True)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost several times over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_close(a, b, atol, what):
-    diff = (a - b).abs().max().item()
-    print(f'{what}: max abs difference {diff:.3e} (largest value {a.abs().max().item():.1f})')
-    assert diff <= atol, f'{what}: max abs difference {diff:.3e} > {atol:.1e}'
 
 
 def tiny_model(seed=0, **kwargs):

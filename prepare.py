@@ -214,8 +214,12 @@ def split_of(doc_id, val_frac, test_frac):
 
 def split_codes(hashes, val_frac, test_frac):
     # split_of on id_hash values, vectorized: uint64 -> float64 rounds to nearest as Python's int / 2**64 does
-    u = hashes.astype(np.float64) / 2**64
-    return np.where(u < val_frac, 1, np.where(u >= 1 - test_frac, 2, 0)).astype(np.uint8)
+    u = hashes.astype(np.float64)
+    u /= 2**64
+    codes = np.zeros(len(u), np.uint8)
+    codes[u < val_frac] = SPLITS.index("val")
+    codes[u >= 1 - test_frac] = SPLITS.index("test")
+    return codes
 
 def record_key(doc_id):
     # the id as 8 bytes, for the version rule: a PMID is its number, any other id a 63-bit hash with the top bit
@@ -459,8 +463,11 @@ def load_tokenizer(folder, gpt2_ranks=None):
 
 def gpt2_fingerprint(enc):
     # the ranks alone decide which ids a text gets: copies with or without the chat tokens are the same tokenizer
+    tokens = [b""] * len(enc._mergeable_ranks)  # in rank order: a list, not a sorted copy of the dict's items
+    for token, rank in enc._mergeable_ranks.items():
+        tokens[rank] = token
     h = hashlib.sha256()
-    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+    for rank, token in enumerate(tokens):
         h.update(rank.to_bytes(4, "big") + len(token).to_bytes(2, "big") + token)
     return h.hexdigest()
 
@@ -609,14 +616,13 @@ def parse_inputs(files, work, workers, bad):
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return SimpleNamespace(stems=stems, starts=starts, inputs=inputs, reused=reused, worker_seconds=busy)
 
-def filter_documents(stems, starts, min_chars, dropped):
-    """The version rule, then the filters, on numpy columns of every record (the main process's only memory that
-    grows with the corpus, ~25 bytes a record at the peak). The rule is that of a dict from id to text, fed every
-    record in input order: a record replaces its id's text but keeps its place, a deletion removes the id, so a
-    record after it comes in at the end. Then empty, too short and duplicate texts (of one kept earlier) drop.
-    Returns the record numbers whose texts are kept, in the dict's order."""
+def latest_versions(stems, starts, dropped):
+    """The version rule, on numpy columns of every record: that of a dict from id to text fed every record in input
+    order. A record replaces its id's text but keeps its place; a deletion removes the id, so a record after it comes
+    in at the end. Returns the numbers of the records whose texts the dict ends with, in its order."""
     key = column(stems, starts, "key")
     order = np.argsort(key, kind="stable")  # each id's occurrences together, in input order
+    order = order.astype(np.uint32) if len(order) < 2**32 else order  # half the memory of the sort's int64
     key = key[order]
     same = key[1:] == key[:-1]  # occurrence i + 1 has the id of occurrence i
     del key
@@ -628,14 +634,29 @@ def filter_documents(stems, starts, min_chars, dropped):
         if n := int(np.count_nonzero(present & hit)):
             dropped[reason] += n
     # an id's last occurrence holds its text; its last insertion (a record the dict did not have) its place
-    ins = np.where(rec & ~present, np.arange(len(kind), dtype=np.int64 if len(kind) >= 2**31 else np.int32), -1)
+    ins = np.where(rec & ~present, np.arange(len(kind), dtype=np.int32 if len(kind) < 2**31 else np.int64), -1)
     np.maximum.accumulate(ins, out=ins)
     last = np.append(~same, True) & rec
-    text, place = order[last], order[ins[last]]
-    del order, kind, rec, present, same, ins, last
-    text = text[np.argsort(place)]
-    del place
+    del same, kind, rec, present
+    where = ins[last]
+    del ins
+    text, place = order[last], order[where]
+    del order, last, where
+    return text[np.argsort(place)]
 
+def members(x, values):
+    # the positions of x's entries that are in the sorted array values: np.isin without its sort of both, in slices
+    found = [np.zeros(0, np.int64)]
+    for a in range(0, len(x) if len(values) else 0, 1 << 20):
+        part = x[a:a + (1 << 20)]
+        found.append(a + np.flatnonzero(values[np.minimum(np.searchsorted(values, part), len(values) - 1)] == part))
+    return np.concatenate(found)
+
+def filter_documents(stems, starts, min_chars, dropped):
+    """The latest versions less the empty, the too short, and duplicates (the same text as one kept earlier).
+    Everything here is numpy arrays: the main process's only memory that grows with the corpus, ~20 bytes a record
+    at its peak. Returns the record numbers of the kept documents, in output order."""
+    text = latest_versions(stems, starts, dropped)
     nbytes = column(stems, starts, "nbytes")[text]
     empty = nbytes == 0
     short = ~empty & (column(stems, starts, "nchars")[text] < min_chars)
@@ -644,16 +665,16 @@ def filter_documents(stems, starts, min_chars, dropped):
             dropped[reason] += n
     text = text[~(empty | short)]
     del nbytes, empty, short
-    # duplicates: equal 16-byte digests. Sorting the first 8 bytes finds the candidates; their last 8 decide
+    # duplicates have equal 16-byte digests: those whose first 8 bytes are not unique are candidates, their last 8
+    # decide. A sorted copy finds them, rather than an argsort's 8-byte indices
     hi = column(stems, starts, "hi")[text]
-    order = np.argsort(hi, kind="stable")  # stable: of equal digests, the earliest place first
-    hi = hi[order]
-    tie = np.flatnonzero(hi[1:] == hi[:-1])
-    cand = np.unique(np.concatenate([order[tie], order[tie + 1]]))  # in place order
-    del hi, order, tie
+    s = np.sort(hi)
+    tied = np.unique(s[1:][s[1:] == s[:-1]])
+    del s
+    cand = members(hi, tied)  # in place order
+    hi = hi[cand]
     lo = column(stems, starts, "lo")[text[cand]]
-    hi = column(stems, starts, "hi")[text[cand]]
-    o = np.lexsort((cand, lo, hi))
+    o = np.lexsort((cand, lo, hi))  # by digest, then place: the first of equal digests is kept
     later = np.zeros(len(cand), bool)
     later[o[1:]] = (hi[o][1:] == hi[o][:-1]) & (lo[o][1:] == lo[o][:-1])
     if n := int(np.count_nonzero(later)):
@@ -663,12 +684,16 @@ def filter_documents(stems, starts, min_chars, dropped):
 def split_documents(kept, stems, starts, plan_path, val_frac, test_frac):
     """Each kept document's split from the hash of its id; the plan (record number and split, in output order)
     goes to disk, so nothing per document stays in memory. Returns the number of documents per split."""
-    plan = np.empty(len(kept), PLAN)
-    plan["seq"] = kept
-    plan["split"] = split_codes(column(stems, starts, "split")[kept], val_frac, test_frac)
-    plan.tofile(plan_path + ".part")
+    hashes, counts = column(stems, starts, "split"), np.zeros(len(SPLITS), np.int64)
+    with open(plan_path + ".part", "wb") as f:
+        for a in range(0, len(kept), 1 << 14):  # in slices: the temporaries stay small
+            plan = np.empty(len(kept[a:a + (1 << 14)]), PLAN)
+            plan["seq"] = kept[a:a + (1 << 14)]
+            plan["split"] = split_codes(hashes[plan["seq"]], val_frac, test_frac)
+            plan.tofile(f)
+            counts += np.bincount(plan["split"], minlength=len(SPLITS))
     os.replace(plan_path + ".part", plan_path)
-    return np.bincount(plan["split"], minlength=len(SPLITS))
+    return counts
 
 def plan_texts(plan_path, n, stems, starts, split):
     cache = {}
@@ -676,20 +701,21 @@ def plan_texts(plan_path, n, stems, starts, split):
         p = read_plan(plan_path, a, min(n, a + CHUNK_DOCS))
         yield from read_texts(p["seq"][p["split"] == split], stems, starts, cache)[0]
 
-def make_tokenizer(args, enc, src, data, state, texts):
+def make_tokenizer(args, enc, src, sha, data, state, texts):
     """GPT-2, the tokenizer of the folder --tokenizer names, or a BPE trained on texts (the train split's), into
-    data/tokenizer.json; a BPE a killed run finished is reused. Returns what meta.json and the encode workers need."""
+    data/tokenizer.json; a BPE a killed run finished is reused. sha: the fingerprint of the first two. Returns what
+    meta.json and the encode workers need."""
     path = os.path.join(data, "tokenizer.json")
     kind = src["tokenizer"] if src else args.tokenizer
     if kind == "gpt2":
         specials = {"pad_id": None, "unk_id": None, "bos_id": None, "eos_id": enc.eot_token}
         return dict(kind="gpt2", vocab_size=enc.eot_token + 1,  # 50,257: the chat tokens after it are never in the data
-                    specials=specials, sha256=gpt2_fingerprint(enc), tokenizer_path=None)
+                    specials=specials, sha256=sha, tokenizer_path=None)
     if src:
         shutil.copy(os.path.join(args.tokenizer, src["tokenizer_file"]), path + ".part")
         os.replace(path + ".part", path)
         specials = {k: src.get(k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")}
-        return dict(kind="bpe", vocab_size=src["vocab_size"], specials=specials, sha256=bpe_fingerprint(path),
+        return dict(kind="bpe", vocab_size=src["vocab_size"], specials=specials, sha256=sha,
                     tokenizer_path=path)
     if not (state.get("bpe_sha256") and os.path.exists(path) and bpe_fingerprint(path) == state["bpe_sha256"]):
         print(f"training a {args.vocab_size:,}-token BPE on the train split")
@@ -909,7 +935,8 @@ def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
         sys.exit("prepare.py: error: no training documents left (see --min_chars)")
     t_filter, t2 = time.time() - t1, time.time()
 
-    tok = make_tokenizer(args, enc, src, os.path.join(work, "data"), state, plan_texts(plan_path, n, stems, starts, 0))
+    tok = make_tokenizer(args, enc, src, tokenizer, os.path.join(work, "data"), state,
+                         plan_texts(plan_path, n, stems, starts, 0))
     save_state(work, state)
     t_tok = time.time() - t2
 

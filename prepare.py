@@ -26,7 +26,8 @@ encode_and_write -> finish -> report. It scales with the corpus (the whole PubMe
 - memory: every input file is parsed by a worker process into the parse cache (its texts, zlib-compressed, and a
   table of fixed-width columns per record); the main process holds at most ~25 bytes per record, in numpy
   arrays, while it applies the version rule and deduplicates, then streams the kept-document list to disk.
-- disk: the peak is the parse cache (~0.4x the texts) plus the shards, at the end of encoding.
+- disk: the parse cache holds the texts zlib-compressed (~0.5x), and a file's texts are deleted once all its
+  documents are encoded: cache and shards trade places, and the peak is little more than the larger of the two.
 - resuming: the work lives in <out>.tmp. A run killed by kill -9, SIGTERM or Ctrl-C leaves it; the next run
   into the same --out reuses its parse cache (per input file, by content) and continues encoding from the last
   checkpoint, giving the same shards as an uninterrupted run. An error removes it.
@@ -275,7 +276,7 @@ def parse_to_cache(job):
         with open(path, "rb") as f:
             sha = hashlib.file_digest(f, "sha256").hexdigest()
         stem = cache_stem(cache, path, sha)
-        if os.path.exists(stem + ".npz"):
+        if os.path.exists(stem + ".npz"):  # its .z may be gone, once encoded: see run()
             with np.load(stem + ".npz") as z:
                 return sha, len(z["kind"]), True, time.time() - t, None
         try:
@@ -683,8 +684,10 @@ def filter_documents(stems, starts, min_chars, dropped):
 
 def split_documents(kept, stems, starts, plan_path, val_frac, test_frac):
     """Each kept document's split from the hash of its id; the plan (record number and split, in output order)
-    goes to disk, so nothing per document stays in memory. Returns the number of documents per split."""
+    goes to disk, so nothing per document stays in memory. Returns the number of documents per split, and per input
+    file the plan position of the last document whose text it holds (-1: none)."""
     hashes, counts = column(stems, starts, "split"), np.zeros(len(SPLITS), np.int64)
+    last_use = np.full(len(stems), -1, np.int64)
     with open(plan_path + ".part", "wb") as f:
         for a in range(0, len(kept), 1 << 14):  # in slices: the temporaries stay small
             plan = np.empty(len(kept[a:a + (1 << 14)]), PLAN)
@@ -692,8 +695,10 @@ def split_documents(kept, stems, starts, plan_path, val_frac, test_frac):
             plan["split"] = split_codes(hashes[plan["seq"]], val_frac, test_frac)
             plan.tofile(f)
             counts += np.bincount(plan["split"], minlength=len(SPLITS))
+            files = np.searchsorted(starts, plan["seq"].astype(np.int64), side="right") - 1
+            np.maximum.at(last_use, files, a + np.arange(len(plan)))
     os.replace(plan_path + ".part", plan_path)
-    return counts
+    return counts, last_use
 
 def plan_texts(plan_path, n, stems, starts, split):
     cache = {}
@@ -768,11 +773,20 @@ def checkpoint(work, state, sinks):
         state["encode"]["sizes"][os.path.basename(sink["f"].name)] = os.fstat(sink["f"].fileno()).st_size
     save_state(work, state)
 
-def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens):
+def drop_encoded_texts(stems, last_use, next_doc):
+    # after a checkpoint: the texts of files whose documents are all encoded, so the parse cache shrinks as the
+    # shards grow and the disk holds about the larger of the two, not their sum. Their tables stay
+    for stem, last in zip(stems, last_use.tolist()):
+        if last < next_doc and os.path.exists(stem + ".z"):
+            os.remove(stem + ".z")
+    return folder_bytes(os.path.dirname(stems[0]))
+
+def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens, last_use):
     """Worker processes encode the plan in chunks of CHUNK_DOCS documents; this one appends their tokens to the
     shards in plan order and checkpoints every CHECKPOINT_S seconds. A rerun goes on from the last checkpoint and
     writes the same shards as an uninterrupted run. Returns this run's numbers for the report."""
     data = os.path.join(work, "data")
+    disk = folder_bytes(work)  # the peak of the work folder (parse cache, plan, shards) at the checkpoints
     enc = state.setdefault("encode", {"next_doc": 0, "sizes": {},
                                       "splits": {s: {"docs": 0, "tokens": 0, "bytes": 0, "files": []} for s in SPLITS}})
     resumed = enc["next_doc"]
@@ -799,11 +813,14 @@ def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens):
                 bar.set_postfix_str(f"{(ntok - ndocs) / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
                 if time.time() - t_saved >= CHECKPOINT_S:
                     checkpoint(work, state, sinks)
+                    disk = max(disk, folder_bytes(work))
+                    drop_encoded_texts(spec["stems"], last_use, enc["next_doc"])
                     t_saved = time.time()
     checkpoint(work, state, sinks)
+    disk = max(disk, folder_bytes(work))
     for sink in sinks:
         sink["f"].close()
-    return dict(seconds=time.time() - t0, tokens=ntok - ndocs, worker_seconds=busy, resumed_at_doc=resumed)
+    return dict(seconds=time.time() - t0, tokens=ntok - ndocs, worker_seconds=busy, resumed_at_doc=resumed, disk=disk)
 
 def finish(out, work, meta):
     """meta.json, then the complete dataset swapped in: an old one is only moved aside, and deleted once the new one
@@ -835,8 +852,8 @@ def report(meta, out):
     rates = meta["tokens_per_s"]
     print(f"tokenize: {rates['end_to_end'] / 1e6:.3f}M tok/s end to end, {rates['bare_batch_encode'] / 1e6:.3f}M tok/s "
           f"bare encode on the same workers ({rates['per_worker'] / 1e6:.3f}M a worker): ratio {rates['ratio']:.2f}")
-    print(f"disk at the peak: {disk['peak_bytes'] / 1e6:,.0f} MB (parse cache {disk['parse_cache_bytes'] / 1e6:,.0f} MB "
-          f"+ shards {disk['shards_bytes'] / 1e6:,.0f} MB)")
+    print(f"disk at the peak: {disk['peak_bytes'] / 1e6:,.0f} MB of work folder (parse cache {disk['parse_cache_bytes'] / 1e6:,.0f} MB "
+          f"before encoding, shards {disk['shards_bytes'] / 1e6:,.0f} MB)")
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -924,11 +941,17 @@ def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
     key = hashlib.sha256(json.dumps([PARSE_VERSION, stems, tokenizer, {k: v for k, v in settings.items() if k != "workers"}])
                          .encode()).hexdigest()
     state = load_state(work, key)
+    if "encode" not in state and any(not os.path.exists(s + ".z") for s in stems):
+        for stem in stems:  # texts a killed run dropped once encoded, wanted again under other settings
+            if not os.path.exists(stem + ".z"):
+                os.remove(stem + ".npz")
+        parsed = parse_inputs(files, work, args.workers, bad)
+        stems, starts, t_parse = parsed.stems, parsed.starts, time.time() - t0
 
     t1, dropped = time.time(), Counter()
     kept = filter_documents(stems, starts, args.min_chars, dropped)
     plan_path = os.path.join(work, "plan.bin")
-    per_split = split_documents(kept, stems, starts, plan_path, args.val_frac, args.test_frac)
+    per_split, last_use = split_documents(kept, stems, starts, plan_path, args.val_frac, args.test_frac)
     n = len(kept)
     del kept
     if per_split[0] == 0:
@@ -943,9 +966,9 @@ def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
     dtype = np.dtype(np.uint16 if tok["vocab_size"] <= 2**16 else np.uint32).name
     spec = dict(kind=tok["kind"], tokenizer_path=tok["tokenizer_path"], gpt2_ranks=args.gpt2_ranks, dtype=dtype,
                 eos=tok["specials"]["eos_id"], stems=stems, starts=starts, plan=plan_path)
-    e = encode_and_write(work, state, plan_path, n, spec, args.workers, args.shard_tokens)
     cache_bytes = folder_bytes(os.path.join(work, "parsed")) + os.path.getsize(plan_path)
-    shards_bytes = sum(state["encode"]["sizes"].values())  # the peak is now: all the cache and all the shards
+    e = encode_and_write(work, state, plan_path, n, spec, args.workers, args.shard_tokens, last_use)
+    shards_bytes = sum(state["encode"]["sizes"].values())
     per_worker = e["tokens"] / max(e["worker_seconds"], 1e-9)
     # both rates count the documents' tokens, not the EOS; bare: the tokenizer alone, on every worker at once
     rates = {"end_to_end": round(e["tokens"] / e["seconds"]), "bare_batch_encode": round(per_worker * args.workers),
@@ -960,7 +983,7 @@ def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
                         "parse_workers": round(parsed.worker_seconds, 2), "encode_workers": round(e["worker_seconds"], 2)},
             "tokens_per_s": rates,
             "resumed": {"parsed_files_reused": parsed.reused, "docs_already_encoded": e["resumed_at_doc"]},
-            "disk": {"parse_cache_bytes": cache_bytes, "shards_bytes": shards_bytes, "peak_bytes": cache_bytes + shards_bytes}}
+            "disk": {"parse_cache_bytes": cache_bytes, "shards_bytes": shards_bytes, "peak_bytes": e["disk"]}}
     finish(out, work, meta)
     return meta
 

@@ -3,7 +3,7 @@ kill -9 giving the same shards, an existing tokenizer. pytest test_prepare_scale
 
 It is also the measuring harness for the README's table, on synth_pubmed.py's corpora:
   python test_prepare_scale.py /tmp/pubmed_400k --tokenizer gpt2 --workers 2 --out /tmp/data_400k
-prints the main process's peak RSS and heap (tracemalloc), the workers' peak RSS and the wall time."""
+prints the main process's peak RSS and heap (tracemalloc), the wall time and the work folder's peak on disk."""
 import json
 import os
 import resource
@@ -132,6 +132,14 @@ def test_rerun_after_kill_9_mid_encode_writes_the_same_shards(tmp_path, source, 
         if name != "meta.json":
             assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
     assert meta["splits"] == whole["splits"] and meta["dropped"] == whole["dropped"]
+    # killed again, then run with other settings: the texts the killed run had dropped once encoded are parsed again
+    subprocess.run([sys.executable, "-c", KILL_MID_ENCODE, *args, "--out", str(tmp_path / "out")], cwd=HERE, timeout=120,
+                   capture_output=True)
+    other = prepare.main([*args, "--out", str(tmp_path / "out"), "--shard_tokens", "30000"])
+    fresh = prepare.main([*args, "--out", str(tmp_path / "fresh"), "--shard_tokens", "30000"])
+    assert other["resumed"]["docs_already_encoded"] == 0 and other["splits"] == fresh["splits"]
+    assert all((tmp_path / "out" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes() for f in os.listdir(tmp_path / "fresh")
+               if f != "meta.json")
 
 
 def test_an_existing_tokenizer_encodes_the_new_data_and_its_fingerprint_is_recorded(tmp_path, source):
@@ -154,6 +162,6 @@ def test_an_existing_tokenizer_encodes_the_new_data_and_its_fingerprint_is_recor
 
 if __name__ == "__main__":
     meta, heap, _, wall = measure(sys.argv[1:])
-    mine, workers = (resource.getrusage(r).ru_maxrss * 1024 for r in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(f"peak RSS main {mine / 1e6:,.0f} MB, heap {heap / 2**20:,.0f} MiB, workers' peak RSS {workers / 1e6:,.0f} MB, "
-          f"wall {wall:.1f} s, disk peak {meta['disk']['peak_bytes'] / 1e6:,.0f} MB")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"main process: peak RSS {rss / 1e6:,.0f} MB, heap {heap / 2**20:,.0f} MiB; wall {wall:.1f} s, "
+          f"disk peak {meta['disk']['peak_bytes'] / 1e6:,.0f} MB")

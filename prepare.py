@@ -225,8 +225,9 @@ def split_codes(hashes, val_frac, test_frac):
 def record_key(doc_id):
     # the id as 8 bytes, for the version rule: a PMID is its number, any other id a 63-bit hash with the top bit
     # set, so the two never meet (two hashed ids collide with probability ~n^2/2^64: 1e-7 for a million texts)
-    if doc_id.startswith("pmid:") and doc_id[5:].isdigit() and str(int(doc_id[5:])) == doc_id[5:] and int(doc_id[5:]) < 2**63:
-        return int(doc_id[5:])
+    n = doc_id[5:]
+    if doc_id.startswith("pmid:") and n.isdigit() and n == str(int(n)) and int(n) < 2**63:
+        return int(n)
     return id_hash(doc_id) | 1 << 63
 
 # -----------------------------------------------------------------------------

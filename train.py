@@ -41,7 +41,7 @@ from lora import (adapter_state_dict, adapters_off, add_lora, load_base, load_lo
                   weights_file)
 from chat import DPO_STATS, dpo_loss, is_pairs, pack, pair_windows, read_conversations, read_pairs, require_chat
 from model import GPT, GPTConfig, grow_vocab, load_checkpoint, load_model, tokenizer_folder
-from prepare import load_tokenizer
+from prepare import load_tokenizer, tokenizer_fingerprint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -349,6 +349,21 @@ model_args = asdict(model.config)
 if model_args['vocab_size'] < meta['vocab_size']:
     raise SystemExit(f"error: the model's vocab_size {model_args['vocab_size']} is smaller than the data's "
                      f"{meta['vocab_size']} ({meta_path})")
+if init_from != 'scratch' and not chat_data:  # chat data is encoded with the model's own tokenizer, read above
+    # the same vocab_size is not the same tokenizer: another BPE of that size would train silently on wrong ids
+    if init_from == 'resume':
+        base_meta, base_dir = checkpoint['meta'], checkpoint.get('tokenizer_dir', checkpoint['data_dir'])
+    else:
+        base_meta, base_dir = None, tokenizer_folder(init_from)
+        if base_dir:
+            with open(os.path.join(base_dir, 'meta.json')) as f:
+                base_meta = json.load(f)
+    theirs = tokenizer_fingerprint(base_meta, base_dir) if base_meta else None
+    ours = tokenizer_fingerprint(meta, data_dir)
+    if theirs and ours and theirs != ours:
+        hint = os.path.join(out_dir, 'export') if init_from == 'resume' else init_from
+        raise SystemExit(f"error: {data_dir} was encoded by another tokenizer (sha256 {ours[:12]}) than the model's "
+                         f"({theirs[:12]}): prepare it with python prepare.py --tokenizer={hint}")
 if block_size > model_args['block_size']:
     raise SystemExit(f"error: block_size {block_size} exceeds the model's {model_args['block_size']}")
 model.to(device)

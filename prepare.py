@@ -544,7 +544,8 @@ def open_work(out):
     """The work folder of out, locked: a second run into the same out fails rather than sharing it. A killed run's
     folder is reused; the folders older versions of this script left (<out>.tmp-<pid>, <out>.old-<pid>) are removed
     once their process is gone."""
-    parent, base = os.path.split(out)
+    parent, base = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)  # --out=data/pubmed in a fresh clone: data/ does not exist yet
     for name in os.listdir(parent):
         m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-(\d+)", name)
         if m and not pid_alive(int(m[1])):

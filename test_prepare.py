@@ -138,8 +138,9 @@ def test_pmc_article_is_title_abstract_and_body_without_refs_tables_captions(tmp
 def test_text_and_jsonl_documents_are_normalised_and_deduplicated(tmp_path):
     txt = write(tmp_path / "notes.txt", "First note,\r\n  over   two lines.\r\n\r\n\r\nSecond note.\n   \nThird note.\n")
     jsonl = write(tmp_path / "more.jsonl", '{"text": "Second note."}\n\n{"text": "A json\\n\\ndocument.", "id": 7}\n')
-    prep(txt, jsonl, "--out", tmp_path / "out", *FAST, "--min_chars", "5")
-    meta, docs = read_docs(tmp_path / "out")
+    out = tmp_path / "data" / "out"  # data/ does not exist yet, as in a fresh clone
+    prep(txt, jsonl, "--out", out, *FAST, "--min_chars", "5")
+    meta, docs = read_docs(out)
     assert sorted(d for split in docs.values() for d in split) == [
         "A json\ndocument.", "First note,\nover two lines.", "Second note.", "Third note."]
     assert meta["dropped"] == {"duplicate": 1}

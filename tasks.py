@@ -6,6 +6,8 @@ instructions synthesized from medical documents, no hand labelling):
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks --max_chars=600  # short enough for a 256-token model
   python tasks.py --data_dir=data/pubmed_4k --out=data/pairs --max_chars=600 --pairs  # DPO preference pairs
   python tasks.py --data_dir=data/pubmed_4k --out=data/tasks_small --max_chars=600 --max_train_items=8000  # the demo's
+  python tasks.py --data_dir=data/pubmed_4k --out=data/expert_gen --max_chars=600 --max_train_items=8000 \
+      --tasks=title,conclusions,mesh_topics,keywords                            # one expert's task group
 
 task               kind             from
 title              generation       the abstract -> its title (ROUGE-L)
@@ -249,7 +251,11 @@ def main(argv=None):
     p.add_argument('--max_train_items', type=int, default=0,
                    help='train split: at most this many items per task, the multiple-choice classes balanced; 0: all')
     p.add_argument('--pairs', action='store_true', help='write DPO preference pairs of the generation tasks instead')
+    p.add_argument('--tasks', default='', help='comma-separated task names to keep (an expert\'s group); default all')
     args = p.parse_args(argv)
+    wanted = set(args.tasks.split(',')) if args.tasks else set(INSTRUCTIONS)
+    if wanted - set(INSTRUCTIONS):
+        p.error(f"unknown task {', '.join(sorted(wanted - set(INSTRUCTIONS)))}; the tasks: {', '.join(INSTRUCTIONS)}")
     meta_path = os.path.join(args.data_dir, 'meta.json')
     try:
         with open(meta_path) as f:
@@ -287,6 +293,7 @@ def main(argv=None):
             items += document_items(doc_id, fields, titles, rng, args.max_chars, split != 'train', dropped)
         if split == 'train' and args.max_train_items:
             items = cap_train(items, args.max_train_items, args.seed)
+        items = [i for i in items if i['task'] in wanted]  # after the cap: the very items a run without --tasks keeps
         splits[split] = preference_pairs(items, args.seed) if args.pairs else items
         counts[split] = dict(sorted(Counter(i['task'] for i in splits[split]).items()))
     classes = {t: dict(Counter(i['messages'][1]['content'] for i in splits['test'] if i['task'] == t))

@@ -157,3 +157,20 @@ def test_max_train_items_caps_each_task_and_balances_answers_but_leaves_held_out
         if task in ('publication_type', 'sentence_section'):  # at most 8 / 4 per answer
             answers = [i['messages'][1]['content'] for i in kept]
             assert max(answers.count(a) for a in answers) <= 2 and len(set(answers)) == 4, task
+
+
+def test_tasks_keeps_one_groups_items_exactly_and_refuses_an_unknown_name(corpus, tmp_path, capsys):
+    group = ('title', 'conclusions', 'mesh_topics', 'keywords')  # a generation expert's data
+    out = str(tmp_path / 'gen')
+    tasks.main(['--data_dir', corpus['data'], '--out', out, '--tasks', ','.join(group), '--max_train_items', '8'])
+    capped = str(tmp_path / 'all')
+    tasks.main(['--data_dir', corpus['data'], '--out', capped, '--max_train_items', '8'])
+    for split in ('train', 'val', 'test'):
+        kept = [json.loads(l) for l in open(os.path.join(out, f'{split}.jsonl'))]
+        everything = [json.loads(l) for l in open(os.path.join(capped, f'{split}.jsonl'))]
+        assert kept == [i for i in everything if i['task'] in group] and kept, split
+    with pytest.raises(SystemExit):
+        tasks.main(['--data_dir', corpus['data'], '--out', str(tmp_path / 'o'), '--tasks', 'title,diagnosis'])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    print(error)
+    assert 'unknown task diagnosis' in error and not os.path.exists(tmp_path / 'o')

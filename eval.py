@@ -28,7 +28,6 @@ score comes with its number of items and a 95% interval (Wilson for accuracies, 
 import json
 import math
 import os
-import re
 import sys
 from contextlib import nullcontext
 
@@ -41,6 +40,7 @@ from configurator import configure
 from chat import read_conversations, render, require_chat
 from model import load_checkpoint, load_model, quantize_int8, tokenizer_folder
 from prepare import load_tokenizer
+from tasks import METRICS
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors)
@@ -140,38 +140,6 @@ def option_logprobs(context, conts):
         x[i, :len(s) - 1] = torch.tensor(s[:-1])
         y[i, len(s) - 1 - len(c):len(s) - 1] = torch.tensor(c, dtype=torch.long)
     return (-nll(x.to(device), y.to(device))).tolist()
-
-
-def words(text):
-    return re.findall(r'\w+', text.lower())
-
-
-def rouge_l(prediction, reference):
-    """ROUGE-L F1: the longest common subsequence of the two word sequences, as precision and recall."""
-    p, r = words(prediction), words(reference)
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for a in p:  # LCS by dynamic programming, one row at a time
-        row = [0]
-        for j, b in enumerate(r):
-            row.append(prev[j] + 1 if a == b else max(prev[j + 1], row[j]))
-        prev = row
-    lcs = prev[-1]
-    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
-
-
-def set_f1(prediction, reference):
-    """F1 of the predicted terms against the reference terms, each a "; "-separated, case-insensitive set."""
-    terms = lambda text: {' '.join(words(t)) for t in text.split(';')} - {''}
-    p, r = terms(prediction), terms(reference)
-    if not p or not r:
-        return float(p == r)
-    hits = len(p & r)
-    return 2 * hits / (len(p) + len(r))
-
-
-METRICS = {'rougeL': rouge_l, 'set_f1': set_f1, 'exact': lambda p, r: float(' '.join(words(p)) == ' '.join(words(r)))}
 
 
 def interval(scores, binary):

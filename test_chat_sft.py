@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
+import tasks
 from chat import pack, read_conversations, render
 from model import GPT, GPTConfig, cross_entropy_loss, grow_vocab, load_model
 from prepare import load_tokenizer, train_bpe
@@ -284,15 +285,11 @@ def test_eval_scores_tasks_with_items_intervals_chance_and_majority(tuned, tmp_p
 
 
 def test_rouge_l_and_set_f1_match_hand_computed_values():
-    sys.argv = ['eval.py']
-    ns = {}
-    source = open(os.path.join(ROOT, 'eval.py')).read()
-    start, end = source.index('def words('), source.index('METRICS =')
-    exec('import re\n' + source[start:end], ns)
     # LCS of "the cat sat on the mat" and "the cat on a mat": the cat on mat = 4 words; P 4/6, R 4/5
-    assert ns['rouge_l']('The cat sat on the mat', 'the cat on a mat') == pytest.approx(2 * 4 / (6 + 5))
-    assert ns['rouge_l']('', 'x') == 0.0 and ns['rouge_l']('a b', 'c d') == 0.0
-    assert ns['set_f1']('Diabetes Mellitus; Metformin; obesity', 'metformin; diabetes mellitus') == pytest.approx(0.8)
+    assert tasks.rouge_l('The cat sat on the mat', 'the cat on a mat') == pytest.approx(2 * 4 / (6 + 5))
+    assert tasks.rouge_l('', 'x') == 0.0 and tasks.rouge_l('a b', 'c d') == 0.0
+    assert tasks.set_f1('Diabetes Mellitus; Metformin; obesity', 'metformin; diabetes mellitus') == pytest.approx(0.8)
+    assert tasks.METRICS['exact']('Case report.', 'case REPORT') == 1.0
 
 
 # ----------------------------------------------------------------------------- broken model files

@@ -347,7 +347,7 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print('\n| task | train | val | test |\n|---|---|---|---|')
-    for task in GENERATION if args.pairs else INSTRUCTIONS:
+    for task in [t for t in (GENERATION if args.pairs else INSTRUCTIONS) if t in wanted]:
         print(f"| {task} | " + ' | '.join(f"{counts[s].get(task, 0):,}" for s in ('train', 'val', 'test')) + ' |')
     print(f"documents: {', '.join(f'{s} {len(m):,}' for s, m in by_split.items())}; dropped: "
           + (', '.join(f'{k} {v:,}' for k, v in dropped.items()) or 'none') + f'; test classes: {classes}')

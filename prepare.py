@@ -195,15 +195,6 @@ def records_of(path):
 
 BAD_FILE = (OSError, EOFError, zlib.error, ET.ParseError, ValueError)  # UnicodeDecodeError is a ValueError
 
-def parse_file(path):
-    """All records of one file, its sha256 and an error. A bad file gives no records."""
-    try:
-        with open(path, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        return list(records_of(path)), sha, None
-    except BAD_FILE as e:
-        return [], None, f"{path}: {type(e).__name__}: {squash(str(e))}"
-
 def id_hash(doc_id):
     return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
 
@@ -781,7 +772,6 @@ def drop_encoded_texts(stems, last_use, next_doc):
     for stem, last in zip(stems, last_use.tolist()):
         if last < next_doc and os.path.exists(stem + ".z"):
             os.remove(stem + ".z")
-    return folder_bytes(os.path.dirname(stems[0]))
 
 def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens, last_use):
     """Worker processes encode the plan in chunks of CHUNK_DOCS documents; this one appends their tokens to the

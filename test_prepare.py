@@ -129,10 +129,10 @@ def test_pmc_article_is_title_abstract_and_body_without_refs_tables_captions(tmp
 <back><ack><p>ACK TEXT</p></ack><ref-list><ref id="r1"><mixed-citation>REF TEXT</mixed-citation></ref></ref-list></back>
 <floats-group><fig><caption><p>FLOAT CAPTION</p></caption></fig></floats-group>
 </article>"""
-    records, sha, err = prepare.parse_file(write(tmp_path / "a.nxml", nxml))
-    assert err is None and records == [("pmc:222", "Full text title\nBackground\nAbstract background.\nResults\n"
-                                        "Abstract results.\nIntroduction\nIntro cites [1] and E. coli.\nSee the table "
-                                        "above.\nEnergy is famous.\nMethods\nWe used n samples.\nFirst item.")]
+    records = list(prepare.records_of(write(tmp_path / "a.nxml", nxml)))
+    assert records == [("pmc:222", "Full text title\nBackground\nAbstract background.\nResults\n"
+                                   "Abstract results.\nIntroduction\nIntro cites [1] and E. coli.\nSee the table "
+                                   "above.\nEnergy is famous.\nMethods\nWe used n samples.\nFirst item.")]
 
 
 def test_text_and_jsonl_documents_are_normalised_and_deduplicated(tmp_path):

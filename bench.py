@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import prepare
+import tokenizer
 from configurator import configure
 from model import GPT, GPTConfig, Int8Linear, quantize_int8
 
@@ -263,7 +264,7 @@ if decode:
     if llama_cpp is not None:
         # export.py needs a tokenizer: a small BPE, its ids padded to the model's vocab_size with unused tokens
         tmp = tempfile.mkdtemp()
-        tok = prepare.train_bpe(['Metformin lowers hepatic glucose output in type 2 diabetes.'] * 4, 300)
+        tok = tokenizer.train_bpe(['Metformin lowers hepatic glucose output in type 2 diabetes.'] * 4, 300)
         tok.save(os.path.join(tmp, 'tokenizer.json'))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(dict(tokenizer='bpe', vocab_size=cfg.vocab_size, pad_id=0, unk_id=1, bos_id=2, eos_id=3,

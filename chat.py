@@ -7,7 +7,7 @@ A conversation is a list of {"role": "system" | "user" | "assistant", "content":
 
     <|role|> content <|end|>
 
-with the four markers reserved in the tokenizer (prepare.CHAT_TOKENS), so no text ever produces them: a literal
+with the four markers reserved in the tokenizer (tokenizer.CHAT_TOKENS), so no text ever produces them: a literal
 "<|user|>" in a message is encoded as plain text. Only assistant content and its <|end|> train (mask 1). To
 generate a reply, the prompt ends with <|assistant|> and decoding stops at <|end|>. CHAT_TEMPLATE is the same
 format in Jinja, for the Hugging Face and GGUF exports: on ordinary text apply_chat_template gives these ids

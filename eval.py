@@ -39,7 +39,7 @@ from tqdm import tqdm
 from configurator import configure
 from chat import read_conversations, render, require_chat
 from model import load_checkpoint, load_model, quantize_int8, tokenizer_folder
-from prepare import load_tokenizer
+from tokenizer import load_tokenizer
 from tasks import METRICS
 
 # -----------------------------------------------------------------------------

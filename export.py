@@ -31,7 +31,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from configurator import configure
 from model import HF_PROJECTIONS, hf_layout, hf_projections, load_checkpoint, load_model, tokenizer_folder
 from chat import CHAT_TEMPLATE
-from prepare import CHAT_TOKENS, gpt2_encoding, load_tokenizer
+from tokenizer import CHAT_TOKENS, gpt2_encoding, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors) to export

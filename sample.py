@@ -23,7 +23,7 @@ import torch
 from configurator import configure
 from chat import render, require_chat
 from model import load_model, quantize_int8, sample_logits, tokenizer_folder
-from prepare import load_tokenizer
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors)

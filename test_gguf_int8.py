@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from chat import CHAT_TEMPLATE
 from model import GPT, GPTConfig
 from test_sample_eval_export import assert_close, one_thread, run  # noqa: F401 (one_thread: a fixture)
-from prepare import CHAT_TOKENS, load_tokenizer, train_bpe
+from tokenizer import CHAT_TOKENS, load_tokenizer, train_bpe
 
 try:
     import llama_cpp

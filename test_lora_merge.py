@@ -16,7 +16,7 @@ from safetensors.torch import save_model
 
 from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora, save_peft, sha256
 from model import GPT, GPTConfig, load_model
-from prepare import train_bpe
+from tokenizer import train_bpe
 from test_sample_eval_export import (DOCS, assert_close, one_thread, random_model, run,  # noqa: F401 (a fixture)
                                      write_data, write_export)
 from test_chat_sft import chat_data, sft

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import prepare
+import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["--vocab_size", "300", "--min_chars", "20", "--workers", "2"]
@@ -59,7 +60,7 @@ def read_docs(out):
     """Every split's documents, decoded back from the shards by cutting at EOS."""
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
-    tok = prepare.load_tokenizer(out)
+    tok = tokenizer.load_tokenizer(out)
     docs = {}
     for split, s in meta["splits"].items():
         ids = np.concatenate([np.fromfile(os.path.join(out, f), dtype=meta["dtype"]) for f in s["files"]])
@@ -200,7 +201,7 @@ def test_shards_decode_back_to_the_documents_and_meta_counts_them(tmp_path, kind
     assert [os.path.getsize(out / f) // 2 for f in files[:-1]] == [1000] * (len(files) - 1)
     assert meta["dtype"] == "uint16" and meta["splits"]["val"]["files"] == ["val.bin"]
     assert sorted(os.listdir(out)) == sorted(files + ["val.bin", "test.bin", "meta.json"] + (["tokenizer.json"] if kind == "bpe" else []))
-    tok = prepare.load_tokenizer(out)
+    tok = tokenizer.load_tokenizer(out)
     assert tok.kind == kind and tok.vocab_size == meta["vocab_size"] and tok.eos_id == meta["eos_id"]
     assert tok.eos_id not in tok.encode(UNICODE_DOCS[2])  # no specials from text, none added
     if kind == "bpe":
@@ -268,13 +269,13 @@ def test_gpt2_without_a_ranks_file_says_how_to_fix_it(tmp_path, monkeypatch):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "nope.tiktoken" in r.stderr, r.stderr
     # no whisper package and no network
     def no_package(name):
-        raise prepare.importlib.metadata.PackageNotFoundError(name)
+        raise tokenizer.importlib.metadata.PackageNotFoundError(name)
     def no_network(name):
         raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
-    monkeypatch.setattr(prepare.importlib.metadata, "files", no_package)
-    monkeypatch.setattr(prepare.tiktoken, "get_encoding", no_network)
+    monkeypatch.setattr(tokenizer.importlib.metadata, "files", no_package)
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", no_network)
     with pytest.raises(SystemExit, match="pip install --no-deps openai-whisper, or pass --gpt2_ranks"):
-        prepare.gpt2_encoding()
+        tokenizer.gpt2_encoding()
 
 
 # -----------------------------------------------------------------------------

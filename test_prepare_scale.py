@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import prepare
+import tokenizer
 import synth_pubmed
 from test_prepare import FAST, read_docs
 
@@ -101,6 +102,7 @@ def test_a_killed_runs_work_folder_is_removed_or_reused_by_the_next_run(tmp_path
 KILL_MID_ENCODE = """
 import os, signal, sys
 import prepare
+import tokenizer
 prepare.CHUNK_DOCS, prepare.CHECKPOINT_S = 150, 0  # a checkpoint after every chunk of 150 documents
 append, calls = prepare.append_tokens, [0]
 def append_then_die(*args):
@@ -155,9 +157,9 @@ def test_an_existing_tokenizer_encodes_the_new_data_and_its_fingerprint_is_recor
     _, docs = read_docs(tmp_path / "b")
     _, want = read_docs(tmp_path / "fresh")
     assert sorted(d for ds in docs.values() for d in ds) == sorted(d for ds in want.values() for d in ds)
-    assert prepare.tokenizer_fingerprint({"tokenizer": "bpe", "tokenizer_file": "tokenizer.json"}, tmp_path / "a") \
+    assert tokenizer.tokenizer_fingerprint({"tokenizer": "bpe", "tokenizer_file": "tokenizer.json"}, tmp_path / "a") \
         == a["tokenizer_sha256"]  # a folder prepared before meta.json recorded it
-    assert prepare.gpt2_fingerprint(prepare.gpt2_encoding()) == prepare.GPT2_SHA256
+    assert tokenizer.gpt2_fingerprint(tokenizer.gpt2_encoding()) == tokenizer.GPT2_SHA256
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_model
 
 from model import GPT, GPTConfig, load_model
-from prepare import load_tokenizer, train_bpe
+from tokenizer import load_tokenizer, train_bpe
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EOS = 3  # the fixture tokenizer's special tokens: [PAD] [UNK] [BOS] [EOS] = 0..3

@@ -42,7 +42,7 @@ from lora import (adapter_state_dict, adapters_off, add_lora, load_base, load_lo
                   weights_file)
 from chat import DPO_STATS, dpo_loss, is_pairs, pack, pair_windows, read_conversations, read_pairs, require_chat
 from model import GPT, GPTConfig, grow_vocab, load_checkpoint, load_model, tokenizer_folder
-from prepare import load_tokenizer, tokenizer_fingerprint
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 # -----------------------------------------------------------------------------
 # I/O

@@ -36,10 +36,12 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-import prepare
+import records
 import tokenizer
 from configurator import configure
-from model import GPT, GPTConfig, Int8Linear, quantize_int8
+from model import GPT, GPTConfig
+from optim import configure_optimizers
+from quantize import Int8Linear, quantize_int8
 
 # -----------------------------------------------------------------------------
 config_file = 'config/healthslm_15m.py'  # model shape: the file's GPTConfig keys (its training keys are ignored)
@@ -176,7 +178,7 @@ if train:
     def train_step(hf, dtype, compiled):
         m = llama(model) if hf else copy.deepcopy(model)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=cuda) if hf else \
-            m.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+            configure_optimizers(m, 0.1, 1e-4, (0.9, 0.95), device_type)
         m = torch.compile(m) if compiled else m
         ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
@@ -319,7 +321,7 @@ if data:
     # prepare.py end to end on the embedded corpus less its largest file. It times the bare tokenizer's batch encode
     # on the very batches it encodes, so both rates share the machine's load. A subprocess: its workers import
     # __main__, which must not be this script
-    files = sorted(prepare.embedded_corpus(), key=os.path.getsize)[:-1]
+    files = sorted(records.embedded_corpus(), key=os.path.getsize)[:-1]
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile('w+') as log:
         proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), *files,
                                  '--tokenizer', data_tokenizer, '--vocab_size', '8192', '--out', tmp],

@@ -25,6 +25,7 @@ import torch
 from configurator import configure
 from lora import add_lora
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 # -----------------------------------------------------------------------------
 config_file = 'config/healthslm_15m.py'  # model shape: the file's GPTConfig keys (its training keys are ignored)
@@ -57,7 +58,7 @@ def run_side():
     if side == 'lora':
         add_lora(model, lora_rank, lora_alpha)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
+    optimizer = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
     step_model = torch.compile(model) if compile else model
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype))
     x, y = torch.randint(0, model.config.vocab_size, (2, batch_size, seq_len), device=device)

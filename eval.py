@@ -29,7 +29,6 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -38,8 +37,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from chat import read_conversations, render, require_chat
-from model import load_checkpoint, load_model, quantize_int8, tokenizer_folder
-from tokenizer import load_tokenizer
+from checkpoint import load_checkpoint, load_for_inference
 from tasks import METRICS
 
 # -----------------------------------------------------------------------------
@@ -56,25 +54,15 @@ out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast)
 compile = False         # torch.compile the scoring
-quantize = ''           # 'int8': score the int8-weight model that sample.py --quantize=int8 runs (model.quantize_int8)
+quantize = ''           # 'int8': score the int8-weight model that sample.py --quantize=int8 runs (quantize.py)
 # -----------------------------------------------------------------------------
 configure(globals())
 
-if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
-    sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
 for path, key in ((mcq, 'mcq'), (tasks, 'tasks')):
     if path and not os.path.isfile(path):
         sys.exit(f'error: question file {path} not found (--{key})')
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    sys.exit(f"error: --dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-model = load_model(out_dir, device).eval()
-if quantize not in ('', 'int8'):
-    sys.exit(f"error: --quantize must be '' or 'int8', got {quantize!r}")
-if quantize:
-    quantize_int8(model)
+# the tokenizer only for questions and tasks: a split is scored from its token ids alone
+model, tok, ctx = load_for_inference(out_dir, device, dtype, quantize, tokenizer=bool(mcq or tasks))
 block_size = model.config.block_size
 
 
@@ -212,15 +200,6 @@ def score_tasks(path):
 
 
 with torch.no_grad(), ctx:
-    if mcq or tasks:
-        # the tokenizer: an export carries it; a checkpoint names its training data folder
-        tok_dir = tokenizer_folder(out_dir)
-        if tok_dir is None:
-            sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
-        tok = load_tokenizer(tok_dir)
-        if tok.vocab_size > model.config.vocab_size:
-            sys.exit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, '
-                     f'the model {model.config.vocab_size}')
     if tasks:
         require_chat(tok, model.config.vocab_size)
         summary, results = score_tasks(tasks)

@@ -29,7 +29,8 @@ from safetensors.torch import save_file, save_model
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
-from model import HF_PROJECTIONS, hf_layout, hf_projections, load_checkpoint, load_model, tokenizer_folder
+from checkpoint import find_tokenizer, load_checkpoint, load_for_inference
+from hf_layout import HF_PROJECTIONS, hf_layout, hf_projections
 from chat import CHAT_TEMPLATE
 from tokenizer import CHAT_TOKENS, gpt2_encoding, load_tokenizer
 
@@ -240,13 +241,11 @@ if format not in ('hf', 'safetensors', 'gguf'):
     sys.exit(f"error: --format must be 'hf', 'safetensors' or 'gguf', got {format!r}")
 if outtype not in ('f32', 'bf16', 'q8_0'):
     sys.exit(f"error: --outtype must be 'f32', 'bf16' or 'q8_0', got {outtype!r}")
-if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
-    sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
-model = load_model(out_dir, 'cpu').float()
+# float32 on the CPU, never int8: an export holds the weights as trained. It copies or converts the tokenizer's
+# files, so it needs their folder rather than a loaded tokenizer
+model = load_for_inference(out_dir, 'cpu', 'float32', tokenizer=False)[0].float()
 cfg, ckpt_path = model.config, os.path.join(out_dir, 'ckpt.pt')
-tok_dir = tokenizer_folder(out_dir)
-if tok_dir is None:
-    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
+tok_dir = find_tokenizer(out_dir)
 with open(os.path.join(tok_dir, 'meta.json')) as f:
     meta = json.load(f)
 modern, classic = hf_layout(cfg) == 'llama', hf_layout(cfg) == 'gpt2'

@@ -9,8 +9,8 @@ base, bit for bit. Only A and B train (and the embeddings and head, if asked): t
 state are all the memory fine-tuning adds to inference. train.py (lora_rank > 0) checkpoints only the adapters,
 with the path and sha256 of their base; its export folds them into the weights (W + B A * alpha / rank, an
 ordinary export) and writes them alone in Hugging Face peft's layout (adapter/), for our --format=hf export.
+checkpoint.py loads such a run (load_lora), checking that its base is unchanged.
 """
-import hashlib
 import json
 import math
 import os
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from model import grow_vocab, hf_layout, hf_projections, load_model
+from hf_layout import hf_layout, hf_projections
 
 TARGETS = ('wqkv', 'wo', 'w1', 'w2')  # every attention and MLP projection of a block
 
@@ -98,45 +98,6 @@ def merge_lora(model):
             linear.bias = module.bias
             model.set_submodule(name, linear)
     return model.requires_grad_(True)
-
-
-def weights_file(path):
-    """The file load_model reads the model at path from: an export's model.safetensors, or a run's ckpt.pt."""
-    file = os.path.join(path, 'model.safetensors')
-    return file if os.path.exists(file) else os.path.join(path, 'ckpt.pt')
-
-
-def sha256(file):
-    with open(file, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
-def load_base(record, vocab_size, device='cpu'):
-    """The model a training run started from (LoRA's base, DPO's reference), named by record ({'base': path,
-    'base_sha256': of its weights file}) and refused if it changed since; its vocabulary grown to vocab_size as
-    train.py grew it."""
-    file = weights_file(record['base'])
-    if not os.path.exists(file) or sha256(file) != record['base_sha256']:
-        raise SystemExit(f"error: the base model {file} is missing or changed since training (its sha256 was "
-                         f"{record['base_sha256'][:16]}...): the run's adapters or DPO reference fit only that model")
-    model = load_model(record['base'], device)
-    if vocab_size > model.config.vocab_size:  # train.py grew it for chat tokens
-        model = grow_vocab(model, vocab_size)
-    return model
-
-
-def load_lora(checkpoint, device='cpu'):
-    """The model of a LoRA training checkpoint, adapters not merged: its base (which must not have changed since)
-    wrapped in the checkpoint's adapters."""
-    lora = checkpoint['lora']
-    model = load_base(lora, checkpoint['model_args']['vocab_size'], device)
-    add_lora(model, **lora['adapters'])
-    _, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
-    missing = sorted(set(adapter_state_dict(model)) - set(checkpoint['model']))
-    if unexpected or missing:
-        raise SystemExit(f"error: the checkpoint's adapters do not fit {lora['base']}: unexpected {unexpected[:3]}, "
-                         f"missing {missing[:3]}")
-    return model.to(device)
 
 
 def save_peft(model, lora, folder):

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from configurator import configure
-from lora import sha256
+from files import sha256
 
 # -----------------------------------------------------------------------------
 models = ''             # comma-separated export folders (train.py's out_dir/export, export.py --format=safetensors)

@@ -6,16 +6,16 @@ grouped-query attention through F.scaled_dot_product_attention, no biases, optio
 Classic GPT-2 block through config switches: LayerNorm, learned absolute positions, GELU MLP, full
 multi-head attention, biases, tied head. Plus a KV cache for incremental decoding, generation with
 temperature / top-k / top-p, a fused linear + cross-entropy loss that never holds the whole batch's
-logits, AdamW set-up and an MFU estimate.
+logits, and an MFU estimate.
+
+It imports nothing else of medslm; optim.py holds the optimizers, checkpoint.py the loading of checkpoints and
+exports, quantize.py the int8 weights, lora.py the adapters, hf_layout.py the Hugging Face tensor names.
 
 RoPE uses the half-split ("rotate_half") layout and the classic GELU is the tanh approximation, so the
 weights map one-to-one onto Hugging Face's Llama and GPT-2 layouts (see export.py).
 """
-import json
 import math
-import os
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -281,23 +281,6 @@ class GPT(nn.Module):
             return None, sequence_logprobs(h, self.output.weight, targets)
         return None, cross_entropy_loss(h, self.output.weight, targets)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=None):
-        """AdamW; or, with muon_lr, Muon at muon_lr for the matrices inside the blocks and AdamW for the rest."""
-        # decay matrices (matmul weights, embeddings), never norms or biases
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        matrices = [p for p in params.values() if p.dim() >= 2]
-        vectors = [p for p in params.values() if p.dim() < 2]
-        if muon_lr is None:
-            return torch.optim.AdamW([{'params': matrices, 'weight_decay': weight_decay},
-                                      {'params': vectors, 'weight_decay': 0.0}],
-                                     lr=learning_rate, betas=betas, fused=device_type == 'cuda')
-        hidden = [p for n, p in params.items() if p.dim() == 2 and n.startswith('layers.')]
-        embeddings = [p for p in matrices if all(p is not h for h in hidden)]
-        # the schedule sets every group's lr; Muon's groups scale it by lr_scale
-        return Muon([{'params': hidden, 'muon': True, 'lr_scale': muon_lr / learning_rate},
-                     {'params': embeddings, 'weight_decay': weight_decay}, {'params': vectors}],
-                    lr=learning_rate, betas=betas)
-
     def flops_per_token(self):
         # PaLM appendix B: 6N for the matmuls of forward+backward, plus the attention scores
         cfg = self.config
@@ -334,8 +317,7 @@ class GPT(nn.Module):
         return super().train(mode)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-               generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
         """Yields the next token of every row (B,) one step at a time, decoding with a KV cache.
         Stops early once every row has produced eos_id (rows that finished keep yielding eos_id)."""
         B, T = idx.size()
@@ -359,97 +341,10 @@ class GPT(nn.Module):
             self.clear_caches()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
         """Returns idx (B, T) extended by up to max_new_tokens sampled tokens."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
-
-
-def orthogonalize(g, steps=5):
-    """The nearest semi-orthogonal matrix to g, roughly: a quintic Newton-Schulz iteration tuned to push every
-    singular value into [0.7, 1.2] in few steps (Muon, K. Jordan et al. 2024)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g / (g.norm() + 1e-7)
-    if g.size(0) > g.size(1):
-        x = x.t()
-    for _ in range(steps):
-        s = x @ x.t()
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.t() if g.size(0) > g.size(1) else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon for groups with muon=True, AdamW for the others, in one optimizer (one state to checkpoint).
-
-    Muon steps along the orthogonalised Nesterov momentum: every direction of a weight matrix moves at the same
-    rate, which reaches a given loss in fewer steps than AdamW for the hidden matrices of a transformer. The
-    embeddings, the head and the norms stay on AdamW."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0,
-                                      muon=False, lr_scale=1.0))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, (beta1, beta2) = group['lr'] * group['lr_scale'], group['betas']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state, grad = self.state[p], p.grad
-                p.mul_(1 - lr * group['weight_decay'])
-                if group['muon']:
-                    buf = state.setdefault('momentum_buffer', torch.zeros_like(p))
-                    buf.mul_(group['momentum']).add_(grad)
-                    update = orthogonalize(grad.add(buf, alpha=group['momentum']))
-                    p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)  # tall: rows are shorter
-                    continue
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state['step'] += 1
-                state['exp_avg'].lerp_(grad, 1 - beta1)
-                state['exp_avg_sq'].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (state['exp_avg_sq'] / (1 - beta2 ** state['step'])).sqrt_().add_(group['eps'])
-                p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - beta1 ** state['step']))
-
-
-class Int8Linear(nn.Module):
-    """Inference-only stand-in for an nn.Linear: int8 weights with one float scale per output channel (absmax / 127
-    of its row), a quarter of the bytes that batch-1 decoding reads per token. On CPU it runs fbgemm's int8 kernel,
-    which also rounds each row of activations to 8 bits on the fly (llama.cpp's q8_0 does the same per 32 values);
-    torch._weight_int8pack_mm keeps activations in float but has only a scalar kernel on AVX2 CPUs (2x slower than
-    float32 here). Elsewhere the weight is dequantized for each call."""
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer('weight', torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer('scale', scale)
-        self.bias = linear.bias
-        self.packed = None
-        if w.device.type == 'cpu' and 'fbgemm' in torch.backends.quantized.supported_engines:
-            zero = torch.zeros(len(scale), dtype=torch.long)
-            with warnings.catch_warnings():  # torch deprecates quantized tensors; this one only feeds the prepack
-                warnings.simplefilter('ignore')
-                qw = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(qw, None if self.bias is None else self.bias.float())
-
-    def forward(self, x):
-        if self.packed is not None:  # reduce_range: 7-bit activations, so AVX2's int16 pair sums cannot saturate
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
-
-
-def quantize_int8(model):
-    """Swaps every Linear of model (attention, feed-forward, head) for an Int8Linear, in place; for sampling and
-    evaluation, not training. A tied head gets its own int8 copy; the embedding lookup stays in float."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return model
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -470,106 +365,3 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float('-inf'))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
-def load_model(path, device='cpu'):
-    """A GPT from an exported folder (config.json + model.safetensors) or a training out_dir (ckpt.pt).
-    A missing, truncated or foreign file is a SystemExit naming it: a one-line error for every script."""
-    if os.path.exists(os.path.join(path, 'model.safetensors')):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model as load_safetensors
-        file = os.path.join(path, 'model.safetensors')
-        try:
-            with open(os.path.join(path, 'config.json')) as f:
-                model_args = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f'error: cannot read {path}/config.json: {e}')
-        if 'n_layer' not in model_args:
-            raise SystemExit(f'error: {path}/config.json is not a medslm model config (a Hugging Face export? '
-                             'load that with transformers)')
-        model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in {f.name for f in fields(GPTConfig)}}))
-        try:  # load_model, unlike load_file, restores tied weights
-            load_safetensors(model, file, device=str(device))
-        except (OSError, RuntimeError, SafetensorError) as e:  # RuntimeError: missing keys or wrong shapes
-            raise SystemExit(f'error: cannot read {file}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
-        return model.to(device)
-    ckpt_path = os.path.join(path, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f'error: {path} holds neither model.safetensors nor ckpt.pt')
-    checkpoint = load_checkpoint(ckpt_path, device)
-    if checkpoint.get('lora'):  # train.py's LoRA run: adapters over a base model, merged here
-        from lora import load_lora, merge_lora
-        return merge_lora(load_lora(checkpoint, device))
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    try:
-        model.load_state_dict(checkpoint['model'])
-    except RuntimeError as e:  # missing or unexpected keys, wrong shapes
-        raise SystemExit(f'error: {ckpt_path} does not fit its model_args: {" ".join(str(e).split())[:300]}')
-    return model.to(device)
-
-
-def load_checkpoint(ckpt_path, device='cpu', mmap=False):
-    """torch.load of a training checkpoint, as data only; a truncated or foreign file is a one-line error."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True, mmap=mmap)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:  # pickle's UnpicklingError is a RuntimeError here
-        raise SystemExit(f'error: cannot read checkpoint {ckpt_path}: {type(e).__name__}: '
-                         f'{" ".join(str(e).split())[:200]}')
-    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= checkpoint.keys():
-        raise SystemExit(f'error: {ckpt_path} is not a medslm training checkpoint')
-    return checkpoint
-
-
-def grow_vocab(model, vocab_size):
-    """The model with vocab_size token embeddings (and head rows), the new ones the mean of the old: fine-tuning
-    can then learn tokens its pre-training vocabulary had no room for (GPT-2's 50,257 ids hold no chat tokens)."""
-    state = model.state_dict()
-    for name in ('tok_embeddings.weight', 'output.weight'):  # tied: both names, one tensor
-        w = state[name]
-        state[name] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - len(w), -1)])
-    grown = GPT(GPTConfig(**{**asdict(model.config), 'vocab_size': vocab_size}))
-    grown.load_state_dict(state)
-    return grown.to(w.device)
-
-
-def hf_layout(cfg):
-    """The Hugging Face architecture our --format=hf export writes a model of this config as, or None."""
-    if (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('rmsnorm', 'rope', 'swiglu'):
-        return 'llama'
-    if (cfg.norm, cfg.pos_embedding, cfg.mlp) == ('layernorm', 'learned', 'gelu') and cfg.n_kv_head == cfg.n_head:
-        return 'gpt2'
-    return None
-
-
-# Hugging Face's modules for the Linears of a block: Llama splits our fused ones, GPT-2 fuses them as we do
-HF_PROJECTIONS = {
-    'llama': {'attention.wqkv': ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'),
-              'attention.wo': ('self_attn.o_proj',), 'feed_forward.w1': ('mlp.gate_proj', 'mlp.up_proj'),
-              'feed_forward.w2': ('mlp.down_proj',)},
-    'gpt2': {'attention.wqkv': ('attn.c_attn',), 'attention.wo': ('attn.c_proj',), 'feed_forward.w1': ('mlp.c_fc',),
-             'feed_forward.w2': ('mlp.c_proj',)}}
-
-
-def hf_projections(cfg, layout, module, rows):
-    """{Hugging Face module: its rows} of a tensor whose rows are the outputs of the block Linear module (e.g.
-    'attention.wqkv'): its weight, its bias or a LoRA B alike. Llama's q, k, v and gate, up are row slices."""
-    names = HF_PROJECTIONS[layout][module]
-    if len(names) == 3:
-        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-        return dict(zip(names, rows.split([q, kv, kv])))
-    return dict(zip(names, rows.chunk(len(names))))
-
-
-def tokenizer_folder(path):
-    """The folder holding the tokenizer (meta.json) of the model at path: an export carries its own, a training
-    out_dir has it in export/ or names its data folder in ckpt.pt. None if there is none."""
-    for folder in (path, os.path.join(path, 'export')):
-        if os.path.exists(os.path.join(folder, 'meta.json')):
-            return folder
-    ckpt_path = os.path.join(path, 'ckpt.pt')
-    if os.path.exists(ckpt_path):
-        checkpoint = load_checkpoint(ckpt_path, mmap=True)
-        data_dir = checkpoint.get('tokenizer_dir', checkpoint['data_dir'])  # chat data: the base model's tokenizer
-        if os.path.exists(os.path.join(data_dir, 'meta.json')):
-            return data_dir
-    return None

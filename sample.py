@@ -16,14 +16,13 @@ one reply to that message (for scripts):
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
 from chat import render, require_chat
-from model import load_model, quantize_int8, sample_logits, tokenizer_folder
-from tokenizer import load_tokenizer
+from checkpoint import load_for_inference
+from model import sample_logits
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors)
@@ -37,41 +36,22 @@ seed = 1337
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast); CPU decoding is slower in bf16, even with bf16 units
 compile = False         # torch.compile the forward pass; pays off on GPU for long generations
-quantize = ''           # 'int8': int8 weights, a scale per output channel (model.quantize_int8): 4x fewer bytes to read
+quantize = ''           # 'int8': int8 weights, a scale per output channel (quantize.py): 4x fewer bytes to read
 kv_cache = True         # False recomputes the whole sequence for every token (shows what the cache saves)
 chat = False            # talk to an instruction-tuned model; with start, answer that one message and exit
 system = ''             # chat: a system message that opens the conversation
 # -----------------------------------------------------------------------------
 configure(globals())
 
-if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
-    sys.exit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
 if start.startswith('FILE:'):
     if not os.path.isfile(start[5:]):
         sys.exit(f'error: prompt file {start[5:]} not found')
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    sys.exit(f"error: --dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
-
-model = load_model(out_dir, device).eval()
-if quantize not in ('', 'int8'):
-    sys.exit(f"error: --quantize must be '' or 'int8', got {quantize!r}")
-if quantize:
-    quantize_int8(model)
+model, tok, ctx = load_for_inference(out_dir, device, dtype, quantize)
 if compile:
     model.forward = torch.compile(model.forward, dynamic=True)  # stream() calls model(...), so this is what runs
-
-tok_dir = tokenizer_folder(out_dir)
-if tok_dir is None:
-    sys.exit(f'error: no tokenizer (meta.json) in {out_dir}, its export/ or its training data folder')
-tok = load_tokenizer(tok_dir)
-if tok.vocab_size > model.config.vocab_size:
-    sys.exit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, the model {model.config.vocab_size}')
 
 block_size = model.config.block_size
 generator = torch.Generator(device=device).manual_seed(seed)

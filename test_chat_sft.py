@@ -17,7 +17,8 @@ from safetensors.torch import save_model
 
 import tasks
 from chat import pack, read_conversations, render
-from model import GPT, GPTConfig, cross_entropy_loss, grow_vocab, load_model
+from checkpoint import grow_vocab, load_model
+from model import GPT, GPTConfig, cross_entropy_loss
 from tokenizer import load_tokenizer, train_bpe
 from test_sample_eval_export import DOCS, random_model, run, run_error, write_data, write_export
 from test_train import ENV, ROOT, load_ckpt, read_log

@@ -15,7 +15,8 @@ import torch
 import tasks
 from chat import DPO_STATS as STATS, dpo_loss, is_pairs, pair_windows, read_pairs, render, render_pair
 from lora import adapters_off, add_lora
-from model import load_model, sequence_logprobs
+from checkpoint import load_model
+from model import sequence_logprobs
 from tokenizer import load_tokenizer, train_bpe
 from test_chat_sft import ANSWER, QUESTION, SFT, sft, write_jsonl
 from test_sample_eval_export import DOCS, one_thread, random_model, write_data, write_export  # noqa: F401 (one_thread: a fixture)

@@ -91,7 +91,7 @@ def gpt2_gguf(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model(model_dir):
-    from model import load_model
+    from checkpoint import load_model
     return load_model(model_dir).eval()
 
 
@@ -254,7 +254,7 @@ def test_gguf_export_errors_are_one_line(tmp_path, model_dir):
 
 
 def test_int8_weights_are_within_half_a_step_and_logits_stay_close(model):
-    from model import Int8Linear, quantize_int8
+    from quantize import Int8Linear, quantize_int8
     import copy
     q = quantize_int8(copy.deepcopy(model))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -14,8 +14,11 @@ import torch
 
 from safetensors.torch import save_model
 
-from lora import LoRALinear, adapter_state_dict, add_lora, load_lora, merge_lora, save_peft, sha256
-from model import GPT, GPTConfig, load_model
+from checkpoint import load_lora, load_model
+from files import sha256
+from lora import LoRALinear, adapter_state_dict, add_lora, merge_lora, save_peft
+from model import GPT, GPTConfig
+from optim import configure_optimizers
 from tokenizer import train_bpe
 from test_sample_eval_export import (DOCS, assert_close, one_thread, random_model, run,  # noqa: F401 (a fixture)
                                      write_data, write_export)
@@ -71,7 +74,7 @@ def test_only_adapters_take_gradients_and_optimizer_state():
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     for muon_lr in (None, 0.02):  # AdamW; Muon (for the adapter matrices, which live in the blocks) + AdamW
         model.train()
-        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', muon_lr)
+        optimizer = configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu', muon_lr)
         assert {id(p) for g in optimizer.param_groups for p in g['params']} == \
                {id(p) for p in model.parameters() if p.requires_grad}
         before = {n: p.clone() for n, p in adapter_state_dict(model).items()}

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure
-from model import GPT, GPTConfig, apply_rope, orthogonalize, rope_cache, sample_logits
+from model import GPT, GPTConfig, apply_rope, rope_cache, sample_logits
+from optim import configure_optimizers, orthogonalize
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
 MODERN = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, block_size=64)
@@ -207,7 +208,7 @@ def test_fused_cross_entropy_matches_reference_loss_and_gradients():
 def test_tiny_model_overfits_one_batch(kwargs):
     model = tiny(**kwargs).train()
     idx = torch.randint(0, 97, (4, 32))
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 0.0, 3e-3, (0.9, 0.95), 'cpu')
     for step in range(150):
         _, loss = model(idx[:, :-1], idx[:, 1:])
         if step == 0:
@@ -221,7 +222,7 @@ def test_tiny_model_overfits_one_batch(kwargs):
 
 def test_weight_decay_only_on_matrices():
     model = tiny(**CLASSIC)
-    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
+    decay, no_decay = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
     assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
     assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
@@ -279,7 +280,7 @@ def test_orthogonalize_flattens_the_singular_values():
 
 def test_muon_optimizer_trains_and_its_state_round_trips():
     model = tiny(**MODERN).train()
-    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu', muon_lr=0.02)
+    optimizer = configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), 'cpu', muon_lr=0.02)
     muon_groups = [g for g in optimizer.param_groups if g['muon']]
     assert len(muon_groups) == 1 and all(p.dim() == 2 for p in muon_groups[0]['params'])
     assert not any(p is model.tok_embeddings.weight for p in muon_groups[0]['params'])
@@ -295,7 +296,7 @@ def test_muon_optimizer_trains_and_its_state_round_trips():
     # a copy restored from the state dict takes exactly the same next step
     twin = tiny(**MODERN).train()
     twin.load_state_dict(model.state_dict())
-    twin_optimizer = twin.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu', muon_lr=0.02)
+    twin_optimizer = configure_optimizers(twin, 0.1, 3e-3, (0.9, 0.95), 'cpu', muon_lr=0.02)
     twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as from disk: no shared buffers
     for m, opt in ((model, optimizer), (twin, twin_optimizer)):
         opt.zero_grad()

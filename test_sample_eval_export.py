@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from model import GPT, GPTConfig, load_model
+from checkpoint import load_model
+from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, train_bpe
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

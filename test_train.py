@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import GPT, GPTConfig, load_model
+from checkpoint import load_model
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')

@@ -14,6 +14,8 @@ Preference tuning (DPO) too: a data_dir whose train.jsonl and val.jsonl hold pre
 rejected; chat.py), the loss DPO's on the replies, against the starting model as the reference:
 
     python train.py config/dpo_tiny_cpu.py                     # init_from=out-sft-tiny, data_dir=data/pairs
+
+With --lora_rank=16, a run from a pre-trained model trains low-rank adapters over its frozen weights (lora.py).
 A finished run leaves out_dir/export/ (weights, configs, optimizer, tokenizer, loss curves); --export_only=True
 rebuilds it from out_dir/ckpt.pt.
 """
@@ -31,17 +33,19 @@ from dataclasses import asdict, fields
 import matplotlib
 matplotlib.use('Agg')  # no display on training machines
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from chat import DPO_STATS, dpo_loss, is_pairs, require_chat
+from checkpoint import grow_vocab, load_base, load_checkpoint, load_lora, load_model, tokenizer_folder, weights_file
 from configurator import configure
-from lora import (adapter_state_dict, adapters_off, add_lora, load_base, load_lora, merge_lora, save_peft, sha256,
-                  weights_file)
-from chat import DPO_STATS, dpo_loss, is_pairs, pack, pair_windows, read_conversations, read_pairs, require_chat
-from model import GPT, GPTConfig, grow_vocab, load_checkpoint, load_model, tokenizer_folder
+from data import chat_split, get_batch, shard_split
+from files import atomic_folder, sha256
+from lora import adapter_state_dict, adapters_off, add_lora, merge_lora, save_peft
+from model import GPT, GPTConfig
+from optim import configure_optimizers
 from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 # -----------------------------------------------------------------------------
@@ -106,48 +110,44 @@ config = {k: globals()[k] for k in config_keys}  # what the user asked for, save
 
 
 def export(checkpoint):
-    # built in a temporary folder and renamed, so a reader never sees a half-written export
-    final, tmp, old = (os.path.join(out_dir, name) for name in ('export', 'export.tmp', 'export.old'))
-    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of an interrupted export
-    os.makedirs(tmp)
-    if checkpoint.get('lora'):  # merged into the weights, an ordinary export; the adapters alone for peft
-        model = load_lora(checkpoint)
-        why_not = save_peft(model, checkpoint['lora'], os.path.join(tmp, 'adapter'))
-        if why_not:
-            print(f'no peft adapter in the export: {why_not}')
-        model = merge_lora(model)
-    else:
-        model = GPT(GPTConfig(**checkpoint['model_args']))
-        model.load_state_dict(checkpoint['model'])
-    save_model(model, os.path.join(tmp, 'model.safetensors'))  # save_model, unlike save_file, handles tied weights
-    torch.save(checkpoint['optimizer'], os.path.join(tmp, 'optimizer.pt'))
-    best = checkpoint['best_val_loss']
-    training = {'config': checkpoint['config'], 'iter_num': checkpoint['iter_num'], 'data_dir': checkpoint['data_dir'],
-                'best_val_loss': best if math.isfinite(best) else None, 'history': checkpoint['history']}
-    for name, obj in (('config.json', checkpoint['model_args']), ('training_config.json', training),
-                      ('meta.json', checkpoint['meta'])):
-        with open(os.path.join(tmp, name), 'w') as f:
-            json.dump(obj, f, indent=2)
-    if checkpoint['meta'].get('tokenizer_file'):
-        tokenizer_dir = checkpoint.get('tokenizer_dir', checkpoint['data_dir'])
-        shutil.copy(os.path.join(tokenizer_dir, checkpoint['meta']['tokenizer_file']), tmp)
-    history, evals = checkpoint['history'], checkpoint['history']['eval']
-    fig, ax = plt.subplots(figsize=(9, 5))
-    ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
-    ax.plot([e['iter'] for e in evals], [e['train_loss'] for e in evals], 'o-', color='tab:blue', label='train (eval)')
-    ax.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 's-', color='tab:orange', label='val (eval)')
-    ax.set(xlabel='iteration (optimizer steps)',
-           ylabel='DPO loss (nats per pair)' if checkpoint.get('dpo') else 'cross-entropy loss (nats per token)',
-           title=f"{os.path.basename(os.path.abspath(out_dir))} ({checkpoint['iter_num']} iterations)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(os.path.join(tmp, 'loss_curves.png'), dpi=120, bbox_inches='tight')
-    plt.close(fig)
-    if os.path.exists(final):  # a folder can only be renamed onto a missing or empty one
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    # written whole or not at all (files.atomic_folder): a reader never sees a half-written export
+    final = os.path.join(out_dir, 'export')
+    with atomic_folder(final) as tmp:
+        if checkpoint.get('lora'):  # merged into the weights, an ordinary export; the adapters alone for peft
+            model = load_lora(checkpoint)
+            why_not = save_peft(model, checkpoint['lora'], os.path.join(tmp, 'adapter'))
+            if why_not:
+                print(f'no peft adapter in the export: {why_not}')
+            model = merge_lora(model)
+        else:
+            model = GPT(GPTConfig(**checkpoint['model_args']))
+            model.load_state_dict(checkpoint['model'])
+        save_model(model, os.path.join(tmp, 'model.safetensors'))  # save_model, unlike save_file, handles tied weights
+        torch.save(checkpoint['optimizer'], os.path.join(tmp, 'optimizer.pt'))
+        best = checkpoint['best_val_loss']
+        training = {'config': checkpoint['config'], 'iter_num': checkpoint['iter_num'],
+                    'data_dir': checkpoint['data_dir'], 'best_val_loss': best if math.isfinite(best) else None,
+                    'history': checkpoint['history']}
+        for name, obj in (('config.json', checkpoint['model_args']), ('training_config.json', training),
+                          ('meta.json', checkpoint['meta'])):
+            with open(os.path.join(tmp, name), 'w') as f:
+                json.dump(obj, f, indent=2)
+        if checkpoint['meta'].get('tokenizer_file'):
+            tokenizer_dir = checkpoint.get('tokenizer_dir', checkpoint['data_dir'])
+            shutil.copy(os.path.join(tokenizer_dir, checkpoint['meta']['tokenizer_file']), tmp)
+        history, evals = checkpoint['history'], checkpoint['history']['eval']
+        steps = [e['iter'] for e in evals]
+        fig, ax = plt.subplots(figsize=(9, 5))
+        ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
+        ax.plot(steps, [e['train_loss'] for e in evals], 'o-', color='tab:blue', label='train (eval)')
+        ax.plot(steps, [e['val_loss'] for e in evals], 's-', color='tab:orange', label='val (eval)')
+        ax.set(xlabel='iteration (optimizer steps)',
+               ylabel='DPO loss (nats per pair)' if checkpoint.get('dpo') else 'cross-entropy loss (nats per token)',
+               title=f"{os.path.basename(os.path.abspath(out_dir))} ({checkpoint['iter_num']} iterations)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.savefig(os.path.join(tmp, 'loss_curves.png'), dpi=120, bbox_inches='tight')
+        plt.close(fig)
     print(f'exported {final}')
 
 
@@ -175,7 +175,6 @@ if ddp:
 else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0  # the only rank that prints and writes files
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.manual_seed(seed + ddp_rank)
 device_type = device.split(':')[0]
 if device_type == 'cuda':
@@ -206,13 +205,15 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
 ptdtype = getattr(torch, dtype)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# data: token shards from prepare.py (pre-training), or chat conversations (instruction tuning) or preference
-# pairs (DPO, told apart by their first line's "chosen"), whose tokenizer is the model's own
+# -----------------------------------------------------------------------------
+# The run's kind, decided and checked here, once. The data folder says what is learnt: prepare.py's token shards
+# (meta.json) pre-train; chat conversations (train.jsonl, val.jsonl) instruction-tune (SFT); preference pairs, the
+# same files told apart by a "chosen" key in their first line, preference-tune (DPO). Chat data is encoded with the
+# model's own tokenizer, so it needs a model to start from. lora_rank > 0 trains adapters over the frozen weights
+# of init_from rather than the weights; a resumed run keeps its checkpoint's LoRA settings, as it keeps its shapes.
 meta_path = os.path.join(data_dir, 'meta.json')
 chat_data = not os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, 'train.jsonl'))
 dpo_data = chat_data and is_pairs(os.path.join(data_dir, 'train.jsonl'))
-if dpo_data:
-    tokens_per_iter *= 2  # a pair is two sequences
 tokenizer_dir = data_dir
 if chat_data:
     tokenizer_dir = tokenizer_folder(out_dir if init_from == 'resume' else init_from)
@@ -223,129 +224,93 @@ if chat_data:
 elif not os.path.exists(meta_path):
     raise SystemExit(f'error: {meta_path} not found: prepare the data first (python prepare.py --out {data_dir}), '
                      'or give a folder of chat data (train.jsonl, val.jsonl)')
+if init_from not in ('scratch', 'resume') and not os.path.isdir(init_from):
+    raise SystemExit(f"error: init_from must be 'scratch', 'resume' or an exported model folder, got {init_from!r}")
+if init_from == 'resume' and not os.path.exists(ckpt_path):
+    raise SystemExit(f'error: {ckpt_path} not found: nothing to resume')
+checkpoint = load_checkpoint(ckpt_path, device) if init_from == 'resume' else None
+
+if checkpoint is not None:
+    adapters = checkpoint['lora']['adapters'] if checkpoint.get('lora') else None
+else:
+    adapters = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                    train_embeddings=lora_train_embeddings) if lora_rank else None
+if adapters and init_from == 'scratch':
+    raise SystemExit('error: LoRA adapts a pre-trained model: set init_from to its export folder or out_dir')
+if dpo_data and adapters and adapters['train_embeddings']:
+    raise SystemExit('error: DPO with LoRA takes the base (adapters off) as its reference, which '
+                     'lora_train_embeddings would move: train the adapters alone')
+if dpo_data and checkpoint is not None and not checkpoint.get('dpo'):
+    raise SystemExit(f'error: {ckpt_path} is not a DPO run: start one from it with --init_from={out_dir} '
+                     'and another out_dir')
+tokens_per_iter = (2 if dpo_data else 1) * gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    kind = 'preference pairs (DPO)' if dpo_data else 'chat data (SFT)' if chat_data else 'token shards (pre-training)'
+    start = {'scratch': 'from scratch', 'resume': f'resumed from {ckpt_path}'}.get(init_from, f'on {init_from}')
+    tuning = f"LoRA rank {adapters['rank']}" if adapters else 'full'
+    print(f'data: {data_dir} is {kind}, {tuning} {start}')
+
+# -----------------------------------------------------------------------------
+# data (data.py): random windows of token shards, or chat data rendered once, up front
 with open(meta_path) as f:
     meta = json.load(f)
-token_dtype = np.dtype(meta['dtype'])
-splits = {}
-for split in ('train', 'val'):
-    path = os.path.join(data_dir, f'{split}.jsonl')
-    if chat_data and not os.path.exists(path):
-        raise SystemExit(f'error: {path} not found: chat data needs train.jsonl and val.jsonl')
-    if dpo_data:  # every pair rendered once, up front: (pairs, 2, block_size) inputs and targets
-        records, skipped = read_pairs(path, skip_bad)
-        x, y, stats = pair_windows(records, load_tokenizer(tokenizer_dir), block_size)
-        if master_process:
-            print(f"{path}: {len(x):,} preference pairs ({skipped} bad lines skipped, {stats['dropped']} longer than "
-                  f"block_size={block_size} dropped), {stats['trained']:,} reply tokens")
-        if len(x) == 0:
-            raise SystemExit(f'error: {path} has no pair that fits whole in block_size={block_size}')
-        splits[split] = (torch.from_numpy(x), torch.from_numpy(y))
-        continue
-    if chat_data:  # every window is packed once, up front: (windows, block_size) inputs and targets
-        records, skipped = read_conversations(path, skip_bad)
-        x, y, stats = pack([r['messages'] for r in records], load_tokenizer(tokenizer_dir), block_size, seed)
-        if master_process:
-            print(f"{path}: {len(records):,} conversations ({skipped} bad lines skipped, {stats['truncated']} "
-                  f"truncated, {stats['dropped']} dropped) in {stats['windows']:,} windows, {stats['fill']:.0%} "
-                  f"full, {stats['trained']:,} tokens trained")
-        if stats['trained'] == 0:
-            raise SystemExit(f'error: {path} leaves no assistant token to train on at block_size={block_size}')
-        splits[split] = (torch.from_numpy(x), torch.from_numpy(y))
-        continue
-    files = [os.path.join(data_dir, name) for name in meta['splits'][split]['files']]
-    for path in files:
-        if not os.path.exists(path):
-            raise SystemExit(f'error: {path} (listed in {meta_path}) not found')
-    starts = np.array([max(os.path.getsize(p) // token_dtype.itemsize - block_size, 0) for p in files])
-    if starts.sum() == 0:
-        raise SystemExit(f'error: the {split} split of {data_dir} has no shard longer than block_size={block_size}')
-    splits[split] = (files, starts)
-
-
-def get_batch(split, generator):
-    if chat_data:
-        windows, targets = splits[split]
-        ix = torch.randint(len(windows), (batch_size,), generator=generator)
-        x, y = windows[ix].view(-1, block_size), targets[ix].view(-1, block_size)  # DPO: chosen, rejected, chosen...
-    else:
-        files, starts = splits[split]
-        ends = np.cumsum(starts)
-        # a uniform draw over all window starts picks each shard in proportion to its length
-        ix = torch.randint(int(ends[-1]), (batch_size,), generator=generator).numpy()
-        shard = np.searchsorted(ends, ix, side='right')
-        offsets = ix - (ends - starts)[shard]
-        # fresh memmaps every batch: a long-lived one keeps every page it ever touched resident (nanoGPT's fix)
-        shards = {s: np.memmap(files[s], dtype=token_dtype, mode='r') for s in set(shard.tolist())}
-        w = torch.from_numpy(np.stack([shards[s][o:o + block_size + 1]
-                                       for s, o in zip(shard, offsets)]).astype(np.int64))
-        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-    if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
+if chat_data:
+    tok = load_tokenizer(tokenizer_dir)
+    splits = {split: chat_split(os.path.join(data_dir, f'{split}.jsonl'), tok, block_size, pairs=dpo_data,
+                                skip_bad=skip_bad, seed=seed, verbose=master_process) for split in ('train', 'val')}
+else:
+    splits = {split: shard_split(data_dir, meta, split, block_size) for split in ('train', 'val')}
 # One sampler stream per micro-batch slot of the global batch (rank r owns slots r*k .. r*k+k-1): the global
 # batch is then the same on any number of processes, so runs compare across world sizes and resume exactly.
 train_gens = [torch.Generator().manual_seed(seed + s) for s in
               range(ddp_rank * gradient_accumulation_steps, (ddp_rank + 1) * gradient_accumulation_steps)]
 
-# model
+# -----------------------------------------------------------------------------
+# model: new, the checkpoint's, or a model folder's weights with a fresh optimizer and schedule (continued
+# pre-training, fine-tuning). lora (adapter settings and base) and dpo (the reference) are kept in every checkpoint
+# to rebuild the run from; a base is named by path and sha256, and refused later if it changed.
 iter_num, best_val_loss, history = 0, float('inf'), {'train_loss': [], 'eval': []}
-checkpoint = None
-lora = None  # a LoRA run's adapter settings and base, kept in every checkpoint to rebuild the model from
+lora, dpo = None, None
 if init_from == 'scratch':
     model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
     model_args['vocab_size'] = vocab_size if vocab_size is not None else meta['vocab_size']
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f'error: {ckpt_path} not found: nothing to resume')
-    checkpoint = load_checkpoint(ckpt_path, device)
-    if checkpoint.get('lora'):  # its base, reloaded, and its adapters; its LoRA settings win, as its shapes do
-        model, lora = load_lora(checkpoint, device), checkpoint['lora']
+    lora = checkpoint.get('lora')
+    dpo = checkpoint['dpo'] if dpo_data else None
+    if lora:  # its base, reloaded, and its adapters
+        model = load_lora(checkpoint, device)
     else:
         model = GPT(GPTConfig(**checkpoint['model_args']))  # the checkpoint's shapes win over the config's
         model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['history']
-elif os.path.isdir(init_from):
-    model = load_model(init_from)  # continued pre-training: its weights, a fresh optimizer and schedule
 else:
-    raise SystemExit(f"error: init_from must be 'scratch', 'resume' or an exported model folder, got {init_from!r}")
-if chat_data and init_from != 'resume':
-    chat_ids = require_chat(load_tokenizer(tokenizer_dir))
-    if max(chat_ids.values()) >= model.config.vocab_size:  # GPT-2's 50,257 ids have no room for the chat tokens
-        if lora_rank and not lora_train_embeddings:  # frozen, the new rows would stay equal: one logit for all four
+    model = load_model(init_from)
+    chat_ids = require_chat(tok) if chat_data else {}
+    if chat_ids and max(chat_ids.values()) >= model.config.vocab_size:  # GPT-2's 50,257 ids have no room for them
+        # frozen, the new rows would stay equal: one logit for all four
+        if adapters and not adapters['train_embeddings']:
             raise SystemExit('error: the base has no rows for the chat tokens, so they are added: with LoRA they '
                              'must train, --lora_train_embeddings=True')
         model = grow_vocab(model, max(chat_ids.values()) + 1)
-if lora_rank and init_from != 'resume':
-    if init_from == 'scratch':
-        raise SystemExit('error: LoRA adapts a pre-trained model: set init_from to its export folder or out_dir')
-    adapters = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
-                    train_embeddings=lora_train_embeddings)
-    lora = {'base': os.path.abspath(init_from), 'base_sha256': sha256(weights_file(init_from)), 'adapters': adapters}
-    add_lora(model, **adapters)
+    if adapters or dpo_data:
+        base = {'base': os.path.abspath(init_from), 'base_sha256': sha256(weights_file(init_from))}
+    if adapters:
+        lora = {**base, 'adapters': adapters}
+        add_lora(model, **adapters)
+    if dpo_data:
+        dpo = {'reference': None if lora else base}
 if lora and master_process:
     print(f"LoRA on {lora['base']}: {sum(p.numel() for p in adapter_state_dict(model).values()):,} parameters train")
+
 # DPO's reference is the starting model: with LoRA the same weights with the adapters off; else a frozen copy,
-# which a resumed run reloads from the model it started from (named in the checkpoint, refused if it changed)
-dpo, reference = None, None
-if dpo_data:
-    if lora and lora['adapters']['train_embeddings']:
-        raise SystemExit('error: DPO with LoRA takes the base (adapters off) as its reference, which '
-                         'lora_train_embeddings would move: train the adapters alone')
-    if init_from != 'resume':
-        dpo = {'reference': None if lora else {'base': os.path.abspath(init_from),
-                                               'base_sha256': sha256(weights_file(init_from))}}
-        reference = None if lora else copy.deepcopy(model)
-    elif not checkpoint.get('dpo'):
-        raise SystemExit(f'error: {ckpt_path} is not a DPO run: start one from it with --init_from={out_dir} '
-                         'and another out_dir')
-    else:
-        dpo = checkpoint['dpo']
-        reference = None if lora else load_base(dpo['reference'], model.config.vocab_size)
-    if reference is not None:
-        reference.requires_grad_(False).eval().to(device)
+# which a resumed run reloads from the model it started from
+reference = None
+if dpo and not lora:
+    reference = copy.deepcopy(model) if checkpoint is None else load_base(dpo['reference'], model.config.vocab_size)
+    reference.requires_grad_(False).eval().to(device)
+
+# the model fits the data
 model_args = asdict(model.config)
 if model_args['vocab_size'] < meta['vocab_size']:
     raise SystemExit(f"error: the model's vocab_size {model_args['vocab_size']} is smaller than the data's "
@@ -367,9 +332,12 @@ if init_from != 'scratch' and not chat_data:  # chat data is encoded with the mo
                          f"({theirs[:12]}): prepare it with python prepare.py --tokenizer={hint}")
 if block_size > model_args['block_size']:
     raise SystemExit(f"error: block_size {block_size} exceeds the model's {model_args['block_size']}")
+
+# -----------------------------------------------------------------------------
+# optimizer; a resumed run continues with the state, gradient scale and random streams it stopped with
 model.to(device)
 raw_model = model  # uncompiled and unwrapped: what gets saved and evaluated
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, muon_lr)
+optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, muon_lr)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # bf16 has fp32's range: no scaling
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
@@ -434,7 +402,8 @@ def estimate_loss():
     for split in ('train', 'val'):
         total = torch.zeros(len(STATS), device=device)
         for k in range(ddp_rank, eval_iters, ddp_world_size):
-            X, Y = get_batch(split, torch.Generator().manual_seed(seed + 10**6 + k))
+            generator = torch.Generator().manual_seed(seed + 10**6 + k)
+            X, Y = get_batch(splits[split], batch_size, block_size, generator, device)
             with ctx:
                 total += objective(raw_model, X, Y)[1]
         if ddp:
@@ -538,6 +507,15 @@ def request_stop(signum, frame):
     signal.signal(signum, signal.SIG_DFL)
 
 
+def stop_now():
+    if not ddp:
+        return stop_requested
+    # ranks may see the signal in different steps; they must all stop after the same one
+    flag = torch.tensor(float(stop_requested), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
@@ -550,6 +528,7 @@ if master_process:
           f'{" pairs x 2" if dpo_data else ""} x {block_size}), '
           f'{dtype} on {device}')
 
+# -----------------------------------------------------------------------------
 # training loop
 pending = []  # (iter, STATS on the device, lr, elapsed_s) of the steps not yet logged
 t0 = t_flush = time.time()
@@ -561,7 +540,7 @@ while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    X, Y = get_batch('train', train_gens[0])
+    X, Y = get_batch(splits['train'], batch_size, block_size, train_gens[0], device)
     step_stats = torch.zeros(len(STATS), device=device)
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients only once, after the last micro-step
@@ -570,7 +549,7 @@ while iter_num < max_iters:
             loss, stats = objective(model, X, Y)
             loss = loss / gradient_accumulation_steps
         if micro_step + 1 < gradient_accumulation_steps:  # read the next batch while the device computes
-            X, Y = get_batch('train', train_gens[micro_step + 1])
+            X, Y = get_batch(splits['train'], batch_size, block_size, train_gens[micro_step + 1], device)
         step_stats += stats / gradient_accumulation_steps
         scaler.scale(loss).backward()
     if grad_clip != 0.0:
@@ -582,11 +561,7 @@ while iter_num < max_iters:
     pending.append((iter_num, step_stats, lr, time.time() - t0))
     iter_num += 1
 
-    stopping = stop_requested
-    if ddp:  # ranks may see the signal in different steps; they must all stop after the same one
-        flag = torch.tensor(float(stopping), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = flag.item() > 0
+    stopping = stop_now()
     evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or evaluating or stopping:
         flush_steps()

@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 
 from files import sha256
+from hardware import check_device, resolve_dtype
 from lora import adapter_state_dict, add_lora, merge_lora
 from model import GPT, GPTConfig
 from quantize import quantize_int8
@@ -53,7 +54,7 @@ def load_model(path, device='cpu'):
     ckpt_path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'error: {path} holds neither model.safetensors nor ckpt.pt')
-    checkpoint = load_checkpoint(ckpt_path, device)
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # on the CPU: the optimizer's state never reaches a GPU
     if checkpoint.get('lora'):  # train.py's LoRA run: adapters over a base model, merged here
         return merge_lora(load_lora(checkpoint, device))
     model = GPT(GPTConfig(**checkpoint['model_args']))
@@ -135,14 +136,20 @@ def find_tokenizer(out_dir):
 
 def load_for_inference(out_dir, device='cpu', dtype='float32', quantize='', tokenizer=True):
     """(model in eval mode, tokenizer, ctx) of the model at out_dir (a training out_dir or an export), as sample.py,
-    eval.py and export.py start: ctx autocasts to dtype (float32: no autocast), quantize='int8' swaps in int8
+    eval.py and export.py start: ctx autocasts to dtype (float32: no autocast; auto: float32 on a CPU, where
+    decoding is slower in bf16 even with bf16 units, else as training picks), quantize='int8' swaps in int8
     weights, tokenizer=False skips the tokenizer (None). Bad flags are a one-line error naming the flag."""
     if not any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'model.safetensors')):
         raise SystemExit(f'error: {out_dir} holds neither ckpt.pt nor model.safetensors (--out_dir)')
+    device_type = device.split(':')[0]
+    if dtype == 'auto':
+        dtype = 'float32' if device_type == 'cpu' else resolve_dtype(dtype, device_type)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
     if ptdtype is None:
-        raise SystemExit(f"error: --dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    device_type = 'cuda' if 'cuda' in device else 'cpu'
+        raise SystemExit(f"error: --dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    check_device(device)
+    if device_type == 'cuda':
+        torch.set_float32_matmul_precision('high')  # TF32 matmuls for float32
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
     model = load_model(out_dir, device).eval()
     if quantize not in ('', 'int8'):

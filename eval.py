@@ -52,7 +52,7 @@ max_items = 0           # tasks: at most this many items per generation task (th
 max_new_tokens = 64     # tasks: the longest generated answer
 out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or out_dir/eval_<mcq name>.json
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast)
+dtype = 'auto'          # 'float32' | 'bfloat16' | 'float16' (autocast) | 'auto': float32 on CPU, bf16 (or fp16) on a GPU
 compile = False         # torch.compile the scoring
 quantize = ''           # 'int8': score the int8-weight model that sample.py --quantize=int8 runs (quantize.py)
 # -----------------------------------------------------------------------------

@@ -1,18 +1,11 @@
 """
-The whole medslm decoder in one file.
+The whole medslm decoder in one file, importing nothing else of medslm.
 
-Modern block (the default): RMSNorm, rotary position embeddings, SwiGLU feed-forward,
-grouped-query attention through F.scaled_dot_product_attention, no biases, optional tied embeddings.
-Classic GPT-2 block through config switches: LayerNorm, learned absolute positions, GELU MLP, full
-multi-head attention, biases, tied head. Plus a KV cache for incremental decoding, generation with
-temperature / top-k / top-p, a fused linear + cross-entropy loss that never holds the whole batch's
-logits, and an MFU estimate.
-
-It imports nothing else of medslm; optim.py holds the optimizers, checkpoint.py the loading of checkpoints and
-exports, quantize.py the int8 weights, lora.py the adapters, hf_layout.py the Hugging Face tensor names.
-
-RoPE uses the half-split ("rotate_half") layout and the classic GELU is the tanh approximation, so the
-weights map one-to-one onto Hugging Face's Llama and GPT-2 layouts (see export.py).
+Modern block (the default): RMSNorm, rotary position embeddings, SwiGLU, grouped-query attention through
+F.scaled_dot_product_attention, no biases, optional tied embeddings. Classic GPT-2 block through config switches:
+LayerNorm, learned positions, GELU MLP, biases, tied head. Plus a KV cache for decoding, sampling with temperature /
+top-k / top-p, and a fused linear + cross-entropy loss that never holds the whole batch's logits. RoPE's half-split
+layout and the tanh GELU map the weights one-to-one onto Hugging Face's Llama and GPT-2 (export.py).
 """
 import math
 from dataclasses import dataclass
@@ -20,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 
@@ -81,11 +75,11 @@ def apply_rope(x, rope):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype):
+    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer('k', torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer('v', torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos, k, v):
         # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1; a decode step
@@ -127,9 +121,12 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        gqa = self.n_kv_head != self.n_head
+        if gqa and q.is_cuda and q.dtype == torch.float32:  # CUDA's fused kernels take GQA in half precision only
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+            gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.wo(y)
 
@@ -208,13 +205,20 @@ def cross_entropy_loss(h, weight, targets, chunk_rows=None):
     return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)  # eval: no gradients needed
 
 
-def sequence_logprobs(h, weight, targets):
+def target_logprobs(h, weight, targets):
+    return torch.log_softmax((h @ weight.t()).float(), dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+def sequence_logprobs(h, weight, targets, chunk_rows=2048):
     """(B,) the summed log-probabilities of each row's targets (-1: not counted), in fp32: DPO's scores of a
-    reply. Only the counted positions go through the head (a reply is a small part of its sequence); selecting
-    them costs a host sync on a GPU."""
+    reply. Only the counted positions go through the head (a reply is a small part of its sequence; selecting
+    them costs a host sync on a GPU), a chunk of rows at a time, recomputed in backward: the (rows, vocab) fp32
+    log-probabilities of one chunk exist at a time, not those of every reply token."""
     counted = targets != -1
-    logp = torch.log_softmax((h[counted] @ weight.t()).float(), dim=-1)  # (counted positions, vocab)
-    logp = logp.gather(1, targets[counted][:, None])[:, 0]
+    hc, tc = h[counted], targets[counted]
+    logp = torch.cat([torch.utils.checkpoint.checkpoint(target_logprobs, hc[s:s + chunk_rows], weight,
+                                                        tc[s:s + chunk_rows], use_reentrant=False)
+                      for s in range(0, len(tc), chunk_rows)] or [hc.new_zeros(0, dtype=torch.float32)])
     return torch.zeros(targets.shape, dtype=torch.float32, device=h.device).masked_scatter(counted, logp).sum(-1)
 
 
@@ -239,17 +243,18 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=False):
+        # non_embedding: less the lookups (positions, and the token embedding unless the head multiplies by it)
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos_embedding == 'learned':
             n -= self.pos_embeddings.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
         return n
 
     def hidden(self, idx, pos=0):
@@ -287,8 +292,8 @@ class GPT(nn.Module):
         n = self.get_num_params(non_embedding=True)
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops=312e12):
-        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default A100 bf16)."""
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (hardware.peak_flops)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     def setup_caches(self, batch_size, max_len):
@@ -296,14 +301,18 @@ class GPT(nn.Module):
         # column-major (same shape and values, the transpose contiguous) those reads run in memory order: on
         # CPU the head's matmul is 3x faster and a whole decoding step ~1.2x (eager) to 1.6x (compiled).
         # The layout stays after decoding (the next call would pay the copies again: ~75 ms at healthslm_15m's
-        # shape); train() restores the row-major one.
+        # shape); train() restores the row-major one. GPUs read both layouts at full speed: no copy there.
+        device = self.tok_embeddings.weight.device
         for module in self.modules():
-            if isinstance(module, nn.Linear) and not module.weight.t().is_contiguous():
+            if device.type == 'cpu' and isinstance(module, nn.Linear) and not module.weight.t().is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()
-        dtype = self.tok_embeddings.weight.dtype  # not the head's: an int8 head (quantize_int8) holds int8
+        # the cache holds keys and values as attention makes them: in autocast's dtype under autocast, else in the
+        # embedding's (not the head's: an int8 head, quantize.py, holds int8)
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.tok_embeddings.weight.dtype
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head,
-                                               self.config.head_dim, dtype).to(self.tok_embeddings.weight.device)
+            layer.attention.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+                                               dtype, device)
 
     def clear_caches(self):
         for layer in self.layers:

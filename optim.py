@@ -38,7 +38,9 @@ class Muon(torch.optim.Optimizer):
                 state, grad = self.state[p], p.grad
                 p.mul_(1 - lr * group['weight_decay'])
                 if group['muon']:
-                    buf = state.setdefault('momentum_buffer', torch.zeros_like(p))
+                    if 'momentum_buffer' not in state:  # setdefault would build a zero buffer every step
+                        state['momentum_buffer'] = torch.zeros_like(p)
+                    buf = state['momentum_buffer']
                     buf.mul_(group['momentum']).add_(grad)
                     update = orthogonalize(grad.add(buf, alpha=group['momentum']))
                     p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)  # tall: rows are shorter

@@ -14,7 +14,9 @@ class Int8Linear(nn.Module):
     of its row), a quarter of the bytes that batch-1 decoding reads per token. On CPU it runs fbgemm's int8 kernel,
     which also rounds each row of activations to 8 bits on the fly (llama.cpp's q8_0 does the same per 32 values);
     torch._weight_int8pack_mm keeps activations in float but has only a scalar kernel on AVX2 CPUs (2x slower than
-    float32 here). Elsewhere the weight is dequantized for each call."""
+    float32 here). Elsewhere (CUDA) the int8 weight is converted inside the matmul and the scale applied to its
+    output: under torch.compile (sample.py compiles int8 decoding on CUDA) the conversion fuses into the kernel's
+    loads, so a token reads one byte per weight; eager, it costs a weight-sized copy per call."""
 
     def __init__(self, linear):
         super().__init__()
@@ -34,7 +36,8 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         if self.packed is not None:  # reduce_range: 7-bit activations, so AVX2's int16 pair sums cannot saturate
             return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 def quantize_int8(model):

@@ -34,7 +34,8 @@ top_k = 200             # sample only from the k most likely tokens; None keeps 
 top_p = 1.0             # then only from the fewest tokens whose probability reaches top_p; 1.0 keeps all
 seed = 1337
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'float32'       # 'float32' | 'bfloat16' | 'float16' (autocast); CPU decoding is slower in bf16, even with bf16 units
+dtype = 'auto'          # 'float32' | 'bfloat16' | 'float16' (autocast) | 'auto': float32 on CPU (decoding is slower in bf16
+                        # there, even with bf16 units), bf16 on GPUs that have it, else fp16
 compile = False         # torch.compile the forward pass; pays off on GPU for long generations
 quantize = ''           # 'int8': int8 weights, a scale per output channel (quantize.py): 4x fewer bytes to read
 kv_cache = True         # False recomputes the whole sequence for every token (shows what the cache saves)
@@ -50,7 +51,7 @@ if start.startswith('FILE:'):
         start = f.read()
 torch.manual_seed(seed)
 model, tok, ctx = load_for_inference(out_dir, device, dtype, quantize)
-if compile:
+if compile or (quantize and model.output.weight.is_cuda):  # eager int8 on a GPU converts every weight per call
     model.forward = torch.compile(model.forward, dynamic=True)  # stream() calls model(...), so this is what runs
 
 block_size = model.config.block_size

@@ -20,6 +20,7 @@ A finished run leaves out_dir/export/ (weights, configs, optimizer, tokenizer, l
 rebuilds it from out_dir/ckpt.pt.
 """
 import copy
+import datetime
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from checkpoint import grow_vocab, load_base, load_checkpoint, load_lora, load_m
 from configurator import configure
 from data import chat_split, get_batch, shard_split
 from files import atomic_folder, sha256
+from hardware import check_device, peak_flops as device_peak_flops, resolve_dtype, split_batch
 from lora import adapter_state_dict, adapters_off, add_lora, merge_lora, save_peft
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -103,7 +105,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'auto'              # 'float32' | 'bfloat16' | 'float16' autocast | 'auto' (see resolve_dtype)
 compile = torch.cuda.is_available()  # torch.compile; on CPU its minute of compile time rarely pays off
 seed = 1337
-peak_flops = 312e12         # per device, the denominator of MFU (A100 bf16)
+peak_flops = None           # per device, MFU's denominator; None: hardware.py's table on CUDA, no MFU on a CPU
 # -----------------------------------------------------------------------------
 config_keys = configure(globals())
 config = {k: globals()[k] for k in config_keys}  # what the user asked for, saved with every checkpoint
@@ -160,18 +162,20 @@ if export_only:
 
 # DDP when launched by torchrun, which sets RANK
 ddp = int(os.environ.get('RANK', -1)) != -1
+check_device(device)
 if ddp:
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    # the other ranks wait in a collective while rank 0 writes a checkpoint (4.5 GB at 381M with Adam's state):
+    # NCCL's default 10 minutes is short for a slow shared disk
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
+                            timeout=datetime.timedelta(minutes=60))
     ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
     if device.startswith('cuda'):
         device = f'cuda:{os.environ["LOCAL_RANK"]}'
         torch.cuda.set_device(device)
     else:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
-    if gradient_accumulation_steps % ddp_world_size:
-        raise SystemExit(f'error: gradient_accumulation_steps={gradient_accumulation_steps} must be divisible '
-                         f'by the number of processes ({ddp_world_size})')
-    gradient_accumulation_steps //= ddp_world_size
+    # the same sequences per step on any number of ranks: fewer micro-steps each, or smaller ones
+    gradient_accumulation_steps, batch_size = split_batch(gradient_accumulation_steps, batch_size, ddp_world_size)
 else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0  # the only rank that prints and writes files
@@ -180,28 +184,9 @@ device_type = device.split(':')[0]
 if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls
 
-
-def resolve_dtype():
-    """bf16 on GPUs that have it, else fp16 (+ gradient scaler); on CPU, bf16 only if its matmuls measure faster
-    than float32's here: chips with AMX or AVX512-BF16 run it faster, chips without bf16 units ~30x slower."""
-    if device_type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if device_type != 'cpu':
-        return 'float32'
-    a = {dt: torch.randn(512, 512).to(dt) for dt in (torch.float32, torch.bfloat16)}
-    seconds = {dt: [] for dt in a}
-    for _ in range(5):  # interleaved, best of 5: a busy machine slows both alike
-        for dt, m in a.items():
-            t = time.perf_counter()
-            m @ m
-            seconds[dt].append(time.perf_counter() - t)
-    return 'bfloat16' if min(seconds[torch.bfloat16]) < min(seconds[torch.float32]) else 'float32'
-
-
-if dtype == 'auto':
-    dtype = resolve_dtype()
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+dtype = resolve_dtype(dtype, device_type)
+if peak_flops is None and device_type == 'cuda':  # unknown devices: no MFU rather than a wrong one
+    peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
 ptdtype = getattr(torch, dtype)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
@@ -341,7 +326,8 @@ optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, bet
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # bf16 has fp32's range: no scaling
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    if scaler.is_enabled() and checkpoint['scaler']:  # a bf16 or float32 run saved a disabled scaler's {}
+        scaler.load_state_dict(checkpoint['scaler'])
     rng = checkpoint['rng']  # a changed gradient_accumulation_steps only changes which streams continue
     for g, state in zip(train_gens, rng['data'][ddp_rank * gradient_accumulation_steps:]):
         g.set_state(state.cpu())
@@ -438,7 +424,7 @@ def flush_steps():
     now = time.time()
     dt = (now - t_flush) / len(pending)  # only the interval is timed accurately: the device runs ahead
     tokens_per_s = tokens_per_iter / dt
-    mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak_flops)  # per device
+    mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak_flops) if peak_flops else None
     for (it, _, lr, elapsed), values in zip(pending, stats.tolist()):
         record = dict(zip(STATS, values))
         loss = record['loss']
@@ -449,7 +435,7 @@ def flush_steps():
     if master_process:
         rewards = ''.join(f', {k.replace("_", " ")} {v:.4f}' for k, v in record.items() if k != 'loss')
         print(f'iter {it}: loss {loss:.4f}{rewards}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens_per_s:,.0f} '
-              f'tokens/s, mfu {mfu * 100:.2f}%')
+              f'tokens/s' + (f', mfu {mfu * 100:.2f}%' if mfu is not None else ''))
     pending, t_flush = [], now
 
 
@@ -497,14 +483,17 @@ def save_checkpoint():
     print(f'saved {ckpt_path} at iter {iter_num}')
 
 
-# preemption (SIGTERM) and Ctrl-C (SIGINT): finish the step, checkpoint, exit; a second signal kills at once
+# preemption (SIGTERM) and Ctrl-C (SIGINT): finish the step, checkpoint, exit. A second Ctrl-C kills at once; a
+# second SIGTERM is ignored: schedulers signal every process of a job and torchrun forwards its own, so a rank
+# often gets two, and must still save.
 stop_requested = False
 
 
 def request_stop(signum, frame):
     global stop_requested
     stop_requested = True
-    signal.signal(signum, signal.SIG_DFL)
+    if signum == signal.SIGINT:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def stop_now():
@@ -565,14 +554,17 @@ while iter_num < max_iters:
     evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or evaluating or stopping:
         flush_steps()
+    saved = False
     if evaluating:
         val_loss = evaluate()
         if val_loss < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, val_loss)
             save_checkpoint()
+            saved = True
         t_flush = time.time()
     if stopping:
-        save_checkpoint()  # even if the val loss is worse: this is where the resumed run continues
+        if not (evaluating and saved):  # even if the val loss is worse: this is where the resumed run continues
+            save_checkpoint()
         if master_process:
             print(f'stopped by a signal at iter {iter_num}; continue with --init_from=resume')
         break

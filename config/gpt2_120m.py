@@ -18,6 +18,7 @@ bias = True
 tie_embeddings = True
 dropout = 0.0
 
+device = 'cuda'         # a GPU run: on a machine without a usable GPU it stops (--device=cpu to try it here)
 batch_size = 16
 gradient_accumulation_steps = 32   # 512 x 1024 tokens per step, as nanoGPT's GPT-2 run
 max_iters = 20000

@@ -13,6 +13,7 @@ vocab_size = 32000
 block_size = 1024
 tie_embeddings = True
 
+device = 'cuda'         # a GPU run: on a machine without a usable GPU it stops (--device=cpu to try it here)
 batch_size = 32
 gradient_accumulation_steps = 4
 max_iters = 20000

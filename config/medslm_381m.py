@@ -15,6 +15,7 @@ tie_embeddings = False
 
 # 256 sequences x 1024 tokens = 262,144 tokens per optimizer step, however many GPUs share it
 # (gradient_accumulation_steps is divided by the world size)
+device = 'cuda'         # a GPU run: on a machine without a usable GPU it stops (--device=cpu to try it here)
 batch_size = 16
 gradient_accumulation_steps = 16
 max_iters = 20000

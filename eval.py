@@ -38,7 +38,7 @@ from tqdm import tqdm
 from configurator import configure
 from chat import read_conversations, render, require_chat
 from checkpoint import load_checkpoint, load_for_inference
-from tasks import METRICS
+from metrics import METRICS
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors)

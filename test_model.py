@@ -91,6 +91,26 @@ def test_kv_cache_decoding_equals_full_forward(kwargs):
     assert_close(chunk, full_logits(model, seq[:, :37])[:, 20:], 1e-5, 'cached vs full logits')
 
 
+@pytest.mark.parametrize('kwargs', [MODERN, CLASSIC], ids=['modern', 'classic'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_kv_cache_decoding_under_autocast_follows_float32(kwargs, dtype):
+    # sample.py --dtype=bfloat16 (and eval.py's task generation) decode under autocast: the cache must take the
+    # half-precision keys and values attention makes there
+    model = tiny(**kwargs).eval()
+    prompt = torch.randint(0, 97, (2, 7))
+    reference = model.generate(prompt, 20, temperature=0)
+    with torch.autocast('cpu', dtype=dtype):
+        steps = model.stream(prompt, 20, temperature=0)
+        first = next(steps)
+        assert model.layers[0].attention.kv_cache.k.dtype == dtype
+        out = torch.cat([prompt, first[:, None]] + [t[:, None] for t in steps], dim=1)
+        logits = model(reference[:, :-1])[0]
+    agree = (out[:, 7:] == reference[:, 7:]).float().mean().item()
+    print(f'greedy tokens equal to float32: {agree:.3f}')
+    assert agree >= 0.9
+    assert_close(logits, model(reference[:, :-1])[0], 1e-2, f'last-position logits under {dtype}')
+
+
 def test_gqa_with_as_many_kv_heads_equals_multi_head_attention():
     model = tiny(**{**MODERN, 'n_kv_head': 4, 'n_layer': 1})
     x = torch.randn(2, 10, 64)

@@ -246,7 +246,8 @@ if chat_data:
 else:
     splits = {split: shard_split(data_dir, meta, split, block_size) for split in ('train', 'val')}
 # One sampler stream per micro-batch slot of the global batch (rank r owns slots r*k .. r*k+k-1): the global
-# batch is then the same on any number of processes, so runs compare across world sizes and resume exactly.
+# batch is then the same on any number of processes that divides the micro-steps, so runs compare across world
+# sizes and resume exactly (more ranks than micro-steps split the micro-batches instead: other slots, other draws).
 train_gens = [torch.Generator().manual_seed(seed + s) for s in
               range(ddp_rank * gradient_accumulation_steps, (ddp_rank + 1) * gradient_accumulation_steps)]
 

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import gguf
 import torch
@@ -29,6 +28,7 @@ from safetensors.torch import save_file, save_model
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
+from files import atomic_folder
 from checkpoint import find_tokenizer, load_checkpoint, load_for_inference
 from hf_layout import HF_PROJECTIONS, hf_layout, hf_projections
 from chat import CHAT_TEMPLATE
@@ -237,6 +237,61 @@ def write_gguf(path, model, meta, tok_dir, outtype, name):
     w.close()
 
 
+def write_safetensors(folder, model, tok_dir, meta, source):
+    """The folder train.py exports (model.safetensors, config.json, meta.json, the tokenizer, the training config
+    of the source folder's run): sample.py and eval.py read it."""
+    save_model(model, os.path.join(folder, 'model.safetensors'))
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(dataclasses.asdict(model.config), f, indent=2)
+    for name in filter(None, ['meta.json', meta.get('tokenizer_file')]):
+        shutil.copy(os.path.join(tok_dir, name), folder)
+    ckpt_path = os.path.join(source, 'ckpt.pt')
+    if os.path.exists(os.path.join(source, 'training_config.json')):
+        shutil.copy(os.path.join(source, 'training_config.json'), folder)
+    elif os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, mmap=True)
+        training = {k: ckpt.get(k) for k in ('config', 'iter_num', 'data_dir')}  # as train.py's export
+        with open(os.path.join(folder, 'training_config.json'), 'w') as f:
+            json.dump(training, f, indent=2)
+
+
+def write_hf(folder, model, tok_dir, meta):
+    """A Hugging Face folder: config.json, model.safetensors and the tokenizer in the Llama or GPT-2 layout."""
+    cfg = model.config
+    config, tensors = (llama if hf_layout(cfg) == 'llama' else gpt2)(model)
+    chat_ids = load_tokenizer(tok_dir).chat  # None: a vocabulary from before the chat tokens
+    chat = chat_ids is not None and cfg.vocab_size > max(chat_ids.values())
+    if meta['tokenizer'] == 'gpt2':
+        gpt2_tokenizer(folder, chat)
+    else:
+        shutil.copy(os.path.join(tok_dir, meta['tokenizer_file']), os.path.join(folder, 'tokenizer.json'))
+    with open(os.path.join(folder, 'tokenizer.json')) as f:
+        tokenizer = json.load(f)
+    # the chat markers as plain added tokens: split_special_tokens (below) would otherwise spell them out
+    # in the text apply_chat_template renders
+    for t in tokenizer['added_tokens']:
+        t['special'] = t['special'] and t['content'] not in CHAT_TOKENS
+    with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
+    special = {t['id']: t['content'] for t in tokenizer['added_tokens']}
+    tokens = {f'{k}_token': special[meta[f'{k}_id']] for k in ('bos', 'eos', 'unk', 'pad')
+              if meta.get(f'{k}_id') in special}
+    if chat:
+        tokens['chat_template'] = CHAT_TEMPLATE
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+        # as ours: a special token's text in the input is plain text, and decode cleans up no spaces
+        json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': cfg.block_size,
+                   'split_special_tokens': True, 'clean_up_tokenization_spaces': False, **tokens},
+                  f, indent=2, ensure_ascii=False)
+    config.update({f'{k}_token_id': meta.get(f'{k}_id') for k in ('bos', 'eos', 'pad')})
+    config['torch_dtype'] = 'float32'
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    # copies: safetensors refuses tensors that share storage (the q, k, v views of wqkv) or are transposed
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.join(folder, 'model.safetensors'),
+              metadata={'format': 'pt'})
+
+
 if format not in ('hf', 'safetensors', 'gguf'):
     sys.exit(f"error: --format must be 'hf', 'safetensors' or 'gguf', got {format!r}")
 if outtype not in ('f32', 'bf16', 'q8_0'):
@@ -244,7 +299,7 @@ if outtype not in ('f32', 'bf16', 'q8_0'):
 # float32 on the CPU, never int8: an export holds the weights as trained. It copies or converts the tokenizer's
 # files, so it needs their folder rather than a loaded tokenizer
 model = load_for_inference(out_dir, 'cpu', 'float32', tokenizer=False)[0].float()
-cfg, ckpt_path = model.config, os.path.join(out_dir, 'ckpt.pt')
+cfg = model.config
 tok_dir = find_tokenizer(out_dir)
 with open(os.path.join(tok_dir, 'meta.json')) as f:
     meta = json.load(f)
@@ -258,71 +313,22 @@ if format == 'gguf' and not modern:
              f'and mlp=swiglu, this model has {cfg.norm}, {cfg.pos_embedding}, {cfg.mlp}')
 
 dst = export_dir or os.path.join(out_dir, f'model-{outtype}.gguf' if format == 'gguf' else format)
-# written to a temporary folder beside dst and renamed, so dst is never half-written
-os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-tmp = tempfile.mkdtemp(prefix='.export-', dir=os.path.dirname(os.path.abspath(dst)))
-try:
-    os.chmod(tmp, 0o755)
-    if format == 'safetensors':
-        save_model(model, os.path.join(tmp, 'model.safetensors'))
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        for name in filter(None, ['meta.json', meta.get('tokenizer_file')]):
-            shutil.copy(os.path.join(tok_dir, name), tmp)
-        if os.path.exists(os.path.join(out_dir, 'training_config.json')):
-            shutil.copy(os.path.join(out_dir, 'training_config.json'), tmp)
-        elif os.path.exists(ckpt_path):
-            ckpt = load_checkpoint(ckpt_path, mmap=True)
-            training = {k: ckpt.get(k) for k in ('config', 'iter_num', 'data_dir')}  # as train.py's export
-            with open(os.path.join(tmp, 'training_config.json'), 'w') as f:
-                json.dump(training, f, indent=2)
-    elif format == 'gguf':
-        write_gguf(os.path.join(tmp, 'model.gguf'), model, meta, tok_dir, outtype,
-                   os.path.basename(os.path.abspath(out_dir)))
-    else:
-        config, tensors = (llama if modern else gpt2)(model)
-        chat_ids = load_tokenizer(tok_dir).chat  # None: a vocabulary from before the chat tokens
-        chat = chat_ids is not None and cfg.vocab_size > max(chat_ids.values())
-        if meta['tokenizer'] == 'gpt2':
-            gpt2_tokenizer(tmp, chat)
+if format == 'gguf':  # one file, written beside dst and renamed onto it in one step: dst is never half-written
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f'.{os.path.basename(dst)}.tmp-{os.getpid()}')
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    try:
+        write_gguf(tmp, model, meta, tok_dir, outtype, os.path.basename(os.path.abspath(out_dir)))
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+else:  # a folder, written whole or not at all (files.atomic_folder)
+    with atomic_folder(dst) as tmp:
+        if format == 'safetensors':
+            write_safetensors(tmp, model, tok_dir, meta, out_dir)
         else:
-            shutil.copy(os.path.join(tok_dir, meta['tokenizer_file']), os.path.join(tmp, 'tokenizer.json'))
-        with open(os.path.join(tmp, 'tokenizer.json')) as f:
-            tokenizer = json.load(f)
-        # the chat markers as plain added tokens: split_special_tokens (below) would otherwise spell them out
-        # in the text apply_chat_template renders
-        for t in tokenizer['added_tokens']:
-            t['special'] = t['special'] and t['content'] not in CHAT_TOKENS
-        with open(os.path.join(tmp, 'tokenizer.json'), 'w', encoding='utf-8') as f:
-            json.dump(tokenizer, f, ensure_ascii=False)
-        special = {t['id']: t['content'] for t in tokenizer['added_tokens']}
-        tokens = {f'{k}_token': special[meta[f'{k}_id']] for k in ('bos', 'eos', 'unk', 'pad')
-                  if meta.get(f'{k}_id') in special}
-        if chat:
-            tokens['chat_template'] = CHAT_TEMPLATE
-        with open(os.path.join(tmp, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
-            # as ours: a special token's text in the input is plain text, and decode cleans up no spaces
-            json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': cfg.block_size,
-                       'split_special_tokens': True, 'clean_up_tokenization_spaces': False, **tokens},
-                      f, indent=2, ensure_ascii=False)
-        config.update({f'{k}_token_id': meta.get(f'{k}_id') for k in ('bos', 'eos', 'pad')})
-        config['torch_dtype'] = 'float32'
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump(config, f, indent=2)
-        # copies: safetensors refuses tensors that share storage (the q, k, v views of wqkv) or are transposed
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.join(tmp, 'model.safetensors'),
-                  metadata={'format': 'pt'})
-    if format == 'gguf':  # one file, which replaces dst in one step
-        os.replace(os.path.join(tmp, 'model.gguf'), dst)
-        os.rmdir(tmp)
-    else:
-        if os.path.exists(dst):
-            os.rename(dst, tmp + '.old')
-        os.rename(tmp, dst)
-        shutil.rmtree(tmp + '.old', ignore_errors=True)
-except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+            write_hf(tmp, model, tok_dir, meta)
 layout = {'safetensors': 'medslm', 'hf': 'LlamaForCausalLM' if modern else 'GPT2LMHeadModel',
           'gguf': f'llama.cpp llama, {outtype}'}[format]
 print(f'wrote {dst} ({layout}, {model.get_num_params():,} parameters, tokenizer {meta["tokenizer"]})')

@@ -16,14 +16,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from configurator import configure
-from files import sha256
+from files import atomic_folder, sha256
 
 # -----------------------------------------------------------------------------
 models = ''             # comma-separated export folders (train.py's out_dir/export, export.py --format=safetensors)
@@ -161,22 +160,10 @@ record = {'method': method, 'models': sources[:len(paths)], **({'base': sources[
           **{'linear': dict(weights=weights), 'slerp': dict(t=t),
              'task_arithmetic': dict(weights=weights, scale=scale),
              'ties': dict(weights=weights, density=density, scale=scale)}[method]}
-# written to a temporary folder beside out and renamed, so out is never half-written
-parent = os.path.dirname(os.path.abspath(out))
-os.makedirs(parent, exist_ok=True)
-tmp = tempfile.mkdtemp(prefix='.merge-', dir=parent)
-try:
-    os.chmod(tmp, 0o755)
+with atomic_folder(out) as tmp:  # written whole or not at all: out is never half-written
     save_file(merged, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     for name in filter(None, ['config.json', 'meta.json', tokenizer and os.path.basename(tokenizer)]):
         shutil.copy(os.path.join(inputs[0], name), tmp)
     with open(os.path.join(tmp, 'merge.json'), 'w') as f:
         json.dump(record, f, indent=2)
-    if os.path.exists(out):
-        os.rename(out, tmp + '.old')
-    os.rename(tmp, out)
-    shutil.rmtree(tmp + '.old', ignore_errors=True)
-except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 print(f'wrote {out}: {method} of {len(paths)} model' + 's' * (len(paths) > 1) + (f' over {base}' if base else ''))

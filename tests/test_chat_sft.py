@@ -2,7 +2,7 @@
 Instruction tuning end to end: the chat template and its loss mask token by token, parity with transformers'
 apply_chat_template, packing, bad chat data, SFT through train.py (it learns a fixed answer, resumes exactly,
 grows GPT-2's vocabulary for the chat tokens), the chat CLI through stdin, task scoring in eval.py, and
-truncated model files given to every script. pytest test_chat_sft.py -s prints the measured figures.
+truncated model files given to every script. pytest tests/test_chat_sft.py -s prints the measured figures.
 """
 import dataclasses
 import json
@@ -15,57 +15,18 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-import tasks
+import metrics
 from chat import pack, read_conversations, render
 from checkpoint import grow_vocab, load_model
+from helpers import (ANSWER, DOCS, ENV, QUESTION, ROOT, chat_data, load_ckpt, random_model, read_log, run, run_error,
+                     sft, write_data, write_export, write_jsonl)
 from model import GPT, GPTConfig, cross_entropy_loss
 from tokenizer import load_tokenizer, train_bpe
-from test_sample_eval_export import DOCS, random_model, run, run_error, write_data, write_export
-from test_train import ENV, ROOT, load_ckpt, read_log
-
-QUESTION = 'What is the first-line drug for type 2 diabetes?'
-ANSWER = 'Metformin, unless kidney function is poor.'
-SFT = ['--device=cpu', '--dtype=float32', '--compile=False', '--block_size=48', '--batch_size=4',
-       '--gradient_accumulation_steps=1', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2',
-       '--eval_iters=2', '--log_interval=1', '--weight_decay=0.0']
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     return write_data(str(tmp_path_factory.mktemp('data')), train_bpe(DOCS, 400), splits={'val': DOCS[:2]})
-
-
-@pytest.fixture(scope='module')
-def tok(data_dir):
-    return load_tokenizer(data_dir)
-
-
-@pytest.fixture(scope='module')
-def base(data_dir, tmp_path_factory):
-    """A tiny pre-trained-looking export: random weights and the fixture tokenizer (which reserves chat tokens)."""
-    return write_export(tmp_path_factory.mktemp('base') / 'export', random_model(data_dir), data_dir)
-
-
-def write_jsonl(path, records):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' if not isinstance(r, str) else r + '\n' for r in records)
-    return path
-
-
-def chat_data(folder, n=20):
-    qa = [{'prompt': QUESTION, 'response': ANSWER}] * n
-    write_jsonl(os.path.join(folder, 'train.jsonl'), qa)
-    write_jsonl(os.path.join(folder, 'val.jsonl'), qa[:2])
-    return folder
-
-
-def sft(out_dir, data, *args, check=True):
-    cmd = [sys.executable, 'train.py', f'--out_dir={out_dir}', f'--data_dir={data}', *SFT, *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 # ----------------------------------------------------------------------------- template and mask
@@ -287,10 +248,10 @@ def test_eval_scores_tasks_with_items_intervals_chance_and_majority(tuned, tmp_p
 
 def test_rouge_l_and_set_f1_match_hand_computed_values():
     # LCS of "the cat sat on the mat" and "the cat on a mat": the cat on mat = 4 words; P 4/6, R 4/5
-    assert tasks.rouge_l('The cat sat on the mat', 'the cat on a mat') == pytest.approx(2 * 4 / (6 + 5))
-    assert tasks.rouge_l('', 'x') == 0.0 and tasks.rouge_l('a b', 'c d') == 0.0
-    assert tasks.set_f1('Diabetes Mellitus; Metformin; obesity', 'metformin; diabetes mellitus') == pytest.approx(0.8)
-    assert tasks.METRICS['exact']('Case report.', 'case REPORT') == 1.0
+    assert metrics.rouge_l('The cat sat on the mat', 'the cat on a mat') == pytest.approx(2 * 4 / (6 + 5))
+    assert metrics.rouge_l('', 'x') == 0.0 and metrics.rouge_l('a b', 'c d') == 0.0
+    assert metrics.set_f1('Diabetes Mellitus; Metformin; obesity', 'metformin; diabetes mellitus') == pytest.approx(0.8)
+    assert metrics.METRICS['exact']('Case report.', 'case REPORT') == 1.0
 
 
 # ----------------------------------------------------------------------------- broken model files

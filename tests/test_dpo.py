@@ -1,7 +1,7 @@
 """
 DPO end to end on tiny CPU models: preference pairs read and rendered with the prompt masked, the loss and its
 rewards by hand, train.py learning a preference (with and without LoRA) against the starting model, exact resume,
-the base untouched under LoRA, bad lines, and tasks.py's pairs from the corpus. pytest test_dpo.py -s prints the
+the base untouched under LoRA, bad lines, and tasks.py's pairs from the corpus. pytest tests/test_dpo.py -s prints the
 measured figures.
 """
 import copy
@@ -16,12 +16,10 @@ import tasks
 from chat import DPO_STATS as STATS, dpo_loss, is_pairs, pair_windows, read_pairs, render, render_pair
 from lora import adapters_off, add_lora
 from checkpoint import load_model
+from helpers import (ANSWER, DOCS, QUESTION, SFT, load_ckpt, max_diff, random_model, read_log, sft, train, write_data,
+                     write_jsonl)
 from model import sequence_logprobs
-from tokenizer import load_tokenizer, train_bpe
-from test_chat_sft import ANSWER, QUESTION, SFT, sft, write_jsonl
-from test_sample_eval_export import DOCS, one_thread, random_model, write_data, write_export  # noqa: F401 (one_thread: a fixture)
-from test_tasks import corpus  # noqa: F401 (a fixture)
-from test_train import load_ckpt, read_log, train
+from tokenizer import train_bpe
 
 # Each prompt's chosen reply is one text of the fixture, its rejected reply another: the preference to learn
 PAIRS = [{'prompt': QUESTION, 'chosen': ANSWER, 'rejected': 'Aspirin, twice daily.'},
@@ -29,21 +27,12 @@ PAIRS = [{'prompt': QUESTION, 'chosen': ANSWER, 'rejected': 'Aspirin, twice dail
          {'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Treat COPD?'}],
           'chosen': 'Bronchodilators.', 'rejected': 'Insulin.'}]
 DPO = ['--lr_decay_iters=8', '--eval_interval=4', '--eval_iters=2', '--dpo_beta=0.5']
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     return write_data(str(tmp_path_factory.mktemp('data')), train_bpe(DOCS, 400), splits={'val': DOCS[:2]})
-
-
-@pytest.fixture(scope='module')
-def tok(data_dir):
-    return load_tokenizer(data_dir)
-
-
-@pytest.fixture(scope='module')
-def base(data_dir, tmp_path_factory):
-    return write_export(tmp_path_factory.mktemp('base') / 'export', random_model(data_dir), data_dir)
 
 
 @pytest.fixture(scope='module')
@@ -56,10 +45,6 @@ def pairs(tmp_path_factory):
 
 def weights(out_dir):
     return load_ckpt(out_dir)['model']
-
-
-def max_difference(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 # ----------------------------------------------------------------------------- data and loss
@@ -203,7 +188,7 @@ def test_dpo_resume_equals_an_uninterrupted_run(base, pairs, tmp_path, lora):
     assert len(b) == 8 and [{k: v for k, v in s.items() if k not in timings} for s in a] == \
            [{k: v for k, v in s.items() if k not in timings} for s in b]  # every logged figure but the timings
     assert ea[-1] == eb[-1]
-    diff = max_difference(weights(whole), weights(halves))
+    diff = max_diff(weights(whole), weights(halves))
     print(f'DPO ({"lora" if lora else "full"}) 8 steps vs 4 + 4 resumed: max |weight difference| {diff}')
     assert diff == 0.0 and ea[-1]['val_margin'] > 0
 
@@ -232,7 +217,7 @@ def test_dpo_on_two_processes_matches_one_process_with_the_same_global_batch(bas
     assert '2 processes x 1 micro-steps x 4 pairs x 2' in result.stdout
     (a, ea), (b, eb) = read_log(one), read_log(two)
     diff = max(abs(x[k] - y[k]) for x, y in zip(a + ea, b + eb) for k in x if k in STATS or k.startswith('val_'))
-    weight_diff = max_difference(weights(one), weights(two))
+    weight_diff = max_diff(weights(one), weights(two))
     print(f'DPO, 1 vs 2 processes: max difference of a logged figure {diff:.3g}, of a weight {weight_diff:.3g}')
     assert len(b) == 4 and diff < 1e-5 and weight_diff < 1e-5 and ea[-1]['val_margin'] > 0
 
@@ -254,7 +239,7 @@ def test_dpo_refuses_lora_that_trains_the_embeddings_and_bad_pair_lines(base, pa
 # ----------------------------------------------------------------------------- pairs from the corpus
 
 
-def test_tasks_pairs_prefer_each_documents_own_answer_over_another_documents(corpus, tmp_path):  # noqa: F811
+def test_tasks_pairs_prefer_each_documents_own_answer_over_another_documents(corpus, tmp_path):
     out, again = str(tmp_path / 'pairs'), str(tmp_path / 'again')
     for folder in (out, again):
         tasks.main(['--data_dir', corpus['data'], '--out', folder, '--pairs'])

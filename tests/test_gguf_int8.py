@@ -1,4 +1,4 @@
-"""Tests of the GGUF export (llama.cpp) and of int8 weight-only inference: pytest test_gguf_int8.py -s
+"""Tests of the GGUF export (llama.cpp) and of int8 weight-only inference: pytest tests/test_gguf_int8.py -s
 
 Without llama-cpp-python the GGUF file is read back with gguf.GGUFReader and run through a forward pass written
 here the way llama.cpp's `llama` graph computes it (adjacent-pair RoPE), which must give our logits. With it
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from chat import CHAT_TEMPLATE
+from helpers import assert_close, run
 from model import GPT, GPTConfig
-from test_sample_eval_export import assert_close, one_thread, run  # noqa: F401 (one_thread: a fixture)
 from tokenizer import CHAT_TOKENS, load_tokenizer, train_bpe
 
 try:
@@ -26,7 +26,6 @@ except ImportError:
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason='llama-cpp-python is not installed (optional: '
                                      'pip install llama-cpp-python==0.3.36 checks the GGUF in llama.cpp itself)')
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 DOCS = [
     'Metformin is the first-line treatment for type 2 diabetes mellitus in most guidelines.',
     'Patients aged ≥ 65 years received 5 µg/kg of the β-blocker twice daily for 12 weeks.',
@@ -39,6 +38,7 @@ DOCS = [
 TEXTS = DOCS + ['  two  spaces,\ttabs\nand newlines\n\n', "it's we'll they've I'm DON'T", 'x²+y² = z² 🙂 café',
                 'HbA1c 7.5%; eGFR < 30 mL/min/1.73 m²', 'a literal [EOS] or <|user|> is text', ' lead', 'end ']
 BASE = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=96, intermediate_size=96)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,7 @@
 """
 LoRA (lora.py, train.py's lora_* settings) and merge.py on tiny CPU models: the adapted model starts equal to its
 base, only adapters train, the merged export and peft's view of the adapter match our adapter-on forward, resume
-is exact, and the merge methods keep their defining properties. pytest test_lora_merge.py -s prints the figures.
+is exact, and the merge methods keep their defining properties. pytest tests/test_lora_merge.py -s prints the figures.
 """
 import copy
 import dataclasses
@@ -16,17 +16,16 @@ from safetensors.torch import save_model
 
 from checkpoint import load_lora, load_model
 from files import sha256
+from helpers import (DOCS, assert_close, chat_data, load_ckpt, max_diff, random_model, read_log, run, sft, train,
+                     write_data, write_export)
 from lora import LoRALinear, adapter_state_dict, add_lora, merge_lora, save_peft
 from model import GPT, GPTConfig
 from optim import configure_optimizers
 from tokenizer import train_bpe
-from test_sample_eval_export import (DOCS, assert_close, one_thread, random_model, run,  # noqa: F401 (a fixture)
-                                     write_data, write_export)
-from test_chat_sft import chat_data, sft
-from test_train import load_ckpt, read_log, train
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, multiple_of=16, vocab_size=300)
 CLASSIC = dict(norm='layernorm', pos_embedding='learned', mlp='gelu', n_kv_head=4, bias=True, tie_embeddings=True)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_model(seed=0, **kwargs):
@@ -154,11 +153,6 @@ def data_dir(tmp_path_factory):
     """A real (tiny) BPE and its shards: export.py's Hugging Face folder needs a real tokenizer."""
     return write_data(str(tmp_path_factory.mktemp('data')), train_bpe(DOCS, 400),
                       splits={'train': DOCS * 3, 'val': DOCS[:4]})
-
-
-@pytest.fixture(scope='module')
-def base(data_dir, tmp_path_factory):
-    return write_export(tmp_path_factory.mktemp('base') / 'export', random_model(data_dir), data_dir)
 
 
 @pytest.fixture(scope='module')
@@ -304,10 +298,6 @@ def merge(tmp_path, *args):
     out = str(tmp_path / 'merged')
     run('merge.py', *args, f'--out={out}')
     return out
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.parametrize('method, args', [

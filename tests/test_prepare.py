@@ -1,4 +1,4 @@
-"""prepare.py on fixture PubMed/PMC/text files that the tests write themselves. Run: pytest test_prepare.py"""
+"""prepare.py on fixture PubMed/PMC/text files that the tests write themselves. Run: pytest tests/test_prepare.py"""
 import gzip
 import hashlib
 import http.server
@@ -10,17 +10,11 @@ import sys
 import threading
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-import prepare
 import records
 import tokenizer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--vocab_size", "300", "--min_chars", "20", "--workers", "2"]
-WORDS = ("aspirin insulin tumour cohort randomised placebo patients mortality cardiac renal hepatic dose "
-         "trial outcome biopsy lesion serum plasma receptor kinase mutation therapy chronic acute").split()
+from helpers import FAST, ROOT, WORDS, prep, pubmed_set, read_docs, write
 
 
 def sentence(rng, n=12):
@@ -40,40 +34,9 @@ def article(pmid, title, abstract="", version=1):
             '</PubmedArticle>\n')
 
 
-def pubmed_set(*records):
-    return ('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, '
-            '1st January 2025//EN" "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">\n'
-            "<PubmedArticleSet>\n" + "".join(records) + "</PubmedArticleSet>\n")
-
-
-def write(path, text, gz=False):
-    data = text.encode() if isinstance(text, str) else text
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(data)
-    return str(path)
-
-
-def prep(*args):
-    return prepare.main([str(a) for a in args])
-
-
-def read_docs(out):
-    """Every split's documents, decoded back from the shards by cutting at EOS."""
-    with open(os.path.join(out, "meta.json")) as f:
-        meta = json.load(f)
-    tok = tokenizer.load_tokenizer(out)
-    docs = {}
-    for split, s in meta["splits"].items():
-        ids = np.concatenate([np.fromfile(os.path.join(out, f), dtype=meta["dtype"]) for f in s["files"]])
-        assert len(ids) == s["tokens"] and (len(ids) == 0 or ids[-1] == tok.eos_id)
-        cuts = np.flatnonzero(ids == tok.eos_id)
-        docs[split] = [tok.decode(ids[a:b].tolist()) for a, b in zip(np.r_[0, cuts[:-1] + 1], cuts)]
-    return meta, docs
-
-
 def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=HERE)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
 
 
 # -----------------------------------------------------------------------------

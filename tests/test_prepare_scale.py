@@ -1,9 +1,9 @@
 """prepare.py as the corpus grows: memory per record, a killed run's work folder removed or reused, a rerun after
-kill -9 giving the same shards, no worker outliving a kill -9, an existing tokenizer. pytest test_prepare_scale.py
+kill -9 giving the same shards, no worker outliving a kill -9, an existing tokenizer. pytest tests/test_prepare_scale.py
 (about a minute and a half on 2 cores).
 
-It is also the measuring harness for the README's table, on synth_pubmed.py's corpora:
-  python test_prepare_scale.py /tmp/pubmed_400k --tokenizer gpt2 --workers 2 --out /tmp/data_400k
+It is also the measuring harness for the table in docs/RESULTS.md, on tools/synth_pubmed.py's corpora:
+  python tests/test_prepare_scale.py /tmp/pubmed_400k --tokenizer gpt2 --workers 2 --out /tmp/data_400k
 prints the main process's peak RSS and heap (tracemalloc), the wall time and the work folder's peak on disk."""
 import json
 import os
@@ -17,13 +17,15 @@ import tracemalloc
 import numpy as np
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# also run as a script (the measuring harness below): the project's modules and tools/, as conftest.py gives pytest
+sys.path[1:1] = [ROOT, os.path.join(ROOT, "tools")]
 import prepare
 import records
-import tokenizer
 import synth_pubmed
-from test_prepare import FAST, read_docs
+import tokenizer
+from helpers import FAST, read_docs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 GPT2 = ["--tokenizer", "gpt2", "--workers", "2", "--min_chars", "20"]
 
 
@@ -122,7 +124,7 @@ def test_rerun_after_kill_9_mid_encode_writes_the_same_shards(tmp_path, source, 
     data = corpus(tmp_path / "in", 2000, per_file=500)
     args = [data, "--tokenizer", kind, *FAST, "--min_chars", "20", "--shard_tokens", "20000"]
     whole = prepare.main([*args, "--out", str(tmp_path / "whole")])
-    killed = subprocess.run([sys.executable, "-c", KILL_MID_ENCODE, *args, "--out", str(tmp_path / "out")], cwd=HERE,
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_ENCODE, *args, "--out", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = json.load(open(tmp_path / "out.tmp" / "state.json"))
@@ -137,7 +139,7 @@ def test_rerun_after_kill_9_mid_encode_writes_the_same_shards(tmp_path, source, 
             assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
     assert meta["splits"] == whole["splits"] and meta["dropped"] == whole["dropped"]
     # killed again, then run with other settings: the texts the killed run had dropped once encoded are parsed again
-    subprocess.run([sys.executable, "-c", KILL_MID_ENCODE, *args, "--out", str(tmp_path / "out")], cwd=HERE, timeout=120,
+    subprocess.run([sys.executable, "-c", KILL_MID_ENCODE, *args, "--out", str(tmp_path / "out")], cwd=ROOT, timeout=120,
                    capture_output=True)
     other = prepare.main([*args, "--out", str(tmp_path / "out"), "--shard_tokens", "30000"])
     fresh = prepare.main([*args, "--out", str(tmp_path / "fresh"), "--shard_tokens", "30000"])
@@ -184,8 +186,8 @@ def test_kill_9_mid_parse_leaves_no_workers_and_a_rerun_at_once_writes_the_same_
     args = [data, *GPT2]
     whole = prepare.main([*args, "--out", str(tmp_path / "whole")])
     out, parsed = tmp_path / "out", tmp_path / "out.tmp" / "parsed"
-    run = [sys.executable, os.path.join(HERE, "prepare.py"), *args, "--out", str(out)]
-    killed = subprocess.Popen(run, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = [sys.executable, os.path.join(ROOT, "prepare.py"), *args, "--out", str(out)]
+    killed = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (parsed.is_dir() and any(n.endswith(".z.part") for n in os.listdir(parsed))):  # a worker is writing
         assert killed.poll() is None and time.time() < deadline, "prepare.py ended before it was killed"
@@ -195,7 +197,7 @@ def test_kill_9_mid_parse_leaves_no_workers_and_a_rerun_at_once_writes_the_same_
     killed.kill()
     killed.wait()
     t = time.time()
-    rerun = subprocess.Popen(run, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rerun = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while any(alive(*c) for c in children.items()) and time.time() < t + 2:
         time.sleep(0.01)
     left = [pid for pid, start in children.items() if alive(pid, start)]

@@ -1,4 +1,4 @@
-"""Tests of sample.py, eval.py and export.py on tiny random CPU models: pytest test_sample_eval_export.py
+"""Tests of sample.py, eval.py and export.py on tiny random CPU models: pytest tests/test_sample_eval_export.py
 
 The scripts run as they do from the command line (in this process through runpy, which skips an interpreter
 start-up per call; one test runs a real subprocess) on checkpoints and exports the tests write in train.py's
@@ -7,87 +7,22 @@ import dataclasses
 import json
 import math
 import os
-import runpy
-import shutil
 import subprocess
 import sys
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_model
 
 from checkpoint import load_model
-from model import GPT, GPTConfig
+from helpers import DOCS, EOS, ROOT, assert_close, random_model, run, run_error, write_data, write_export
 from tokenizer import load_tokenizer, train_bpe
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-EOS = 3  # the fixture tokenizer's special tokens: [PAD] [UNK] [BOS] [EOS] = 0..3
-DOCS = [
-    'Metformin is the first-line treatment for type 2 diabetes mellitus in most guidelines.',
-    'Patients aged ≥ 65 years received 5 µg/kg of the β-blocker twice daily for 12 weeks.',
-    "Sjögren's syndrome is a chronic autoimmune disease of the exocrine glands.",
-    'The naïve T cells were cultured at 37 °C; IL-2 levels rose two-fold (p < 0.001).',
-    'Hypertension increases the risk of stroke, myocardial infarction and chronic kidney disease.',
-    'In this randomized controlled trial, 412 patients with heart failure were assigned to treatment.',
-    'Insulin resistance precedes type 2 diabetes by years; metformin lowers hepatic glucose output.',
-    'Aspirin irreversibly inhibits cyclooxygenase, reducing thromboxane A2 synthesis in platelets.',
-    'Chronic obstructive pulmonary disease is treated with bronchodilators and inhaled corticosteroids.',
-    '糖尿病 (diabetes) prevalence in adults was 11.2% — higher in men than in women.',
-]
 VAL_DOC = 'Metformin lowers glucose.'
 TEXTS = DOCS + ['  two  spaces,\ttabs\nand newlines\n\n', "it's we'll they've I'm", 'x²+y² = z² 🙂 naïve café',
                 'HbA1c 7.5%; eGFR < 30 mL/min/1.73 m²', 'a literal [EOS] or <|endoftext|> is text', '']
-BASE = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=64, multiple_of=16)
 CLASSIC = dict(norm='layernorm', pos_embedding='learned', mlp='gelu', n_kv_head=4)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny models gain nothing from a second thread, and on a busy machine its spin-waits cost several times over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_close(a, b, atol, what):
-    diff = (a - b).abs().max().item()
-    print(f'{what}: max abs difference {diff:.3e} (largest value {a.abs().max().item():.1f})')
-    assert diff <= atol, f'{what}: max abs difference {diff:.3e} > {atol:.1e}'
-
-
-def run(script, *args):
-    """Runs `python script args` in this process; the output lands in pytest's capsys."""
-    with mock.patch.object(sys, 'argv', [script, *map(str, args)]):
-        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
-
-
-def run_error(script, *args):
-    with pytest.raises(SystemExit) as e:
-        run(script, *args)
-    message = str(e.value.code)
-    print(message)
-    assert message.startswith('error: ') and '\n' not in message
-    return message
-
-
-def write_data(folder, tokenizer, meta_extra=None, splits=None):
-    os.makedirs(folder, exist_ok=True)
-    meta = dict(tokenizer='bpe', vocab_size=tokenizer.get_vocab_size() if tokenizer else 50257, dtype='uint16',
-                eos_id=EOS, bos_id=2, pad_id=0, unk_id=1, tokenizer_file='tokenizer.json', splits={})
-    meta.update(meta_extra or {})
-    if tokenizer:
-        tokenizer.save(os.path.join(folder, 'tokenizer.json'))
-    for name, docs in (splits or {}).items():
-        tokens = [t for doc in docs for t in tokenizer.encode(doc).ids + [EOS]]
-        np.array(tokens, dtype=np.uint16).tofile(os.path.join(folder, f'{name}.bin'))
-        meta['splits'][name] = dict(docs=len(docs), tokens=len(tokens), bytes=sum(len(d.encode()) for d in docs),
-                                    files=[f'{name}.bin'])
-    with open(os.path.join(folder, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
-    return folder
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
@@ -95,25 +30,6 @@ def data_dir(tmp_path_factory):
     """prepare.py's ByteLevel BPE trained on DOCS, a test split several windows long and a val split within one."""
     tokenizer = train_bpe(DOCS, 400)
     return write_data(str(tmp_path_factory.mktemp('data')), tokenizer, splits={'test': DOCS, 'val': [VAL_DOC]})
-
-
-@pytest.fixture(scope='module')
-def tok(data_dir):
-    return load_tokenizer(data_dir)
-
-
-def random_model(data_dir, seed=0, **kwargs):
-    """A tiny GPT with weights larger than the init's, so logits are far from uniform and differences show."""
-    with open(os.path.join(data_dir, 'meta.json')) as f:
-        vocab_size = json.load(f)['vocab_size']
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**BASE, 'vocab_size': vocab_size, **kwargs}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1 if p.dim() == 1 else 0.3)
-            if 'norm' in name and name.endswith('weight'):
-                p.add_(1.0)
-    return model.eval()
 
 
 def write_ckpt(folder, model, data_dir):
@@ -124,17 +40,6 @@ def write_ckpt(folder, model, data_dir):
     torch.save(dict(model=model.state_dict(), model_args=dataclasses.asdict(model.config), iter_num=0,
                     best_val_loss=0.0, config=dict(data_dir=data_dir), data_dir=data_dir, meta=meta),
                os.path.join(folder, 'ckpt.pt'))
-    return str(folder)
-
-
-def write_export(folder, model, data_dir):
-    """out_dir/export as train.py writes it: safetensors, model args, and the data folder's tokenizer."""
-    os.makedirs(folder)
-    save_model(model, os.path.join(folder, 'model.safetensors'))
-    with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump(dataclasses.asdict(model.config), f)
-    for name in ('meta.json', 'tokenizer.json'):
-        shutil.copy(os.path.join(data_dir, name), folder)
     return str(folder)
 
 

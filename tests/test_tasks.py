@@ -1,9 +1,8 @@
 """tasks.py on synthetic PubMed files: items keep prepare.py's split and record semantics, multiple-choice items
 are well formed, sections and publication types map as documented, output is deterministic, a kill at any moment
-leaves the old output or the new one, bad input is a one-line error. pytest test_tasks.py"""
+leaves the old output or the new one, bad input is a one-line error. pytest tests/test_tasks.py"""
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -13,59 +12,7 @@ import pytest
 
 import records
 import tasks
-from test_prepare import WORDS, prep, pubmed_set, write
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-CATEGORIES = [('BACKGROUND', 'BACKGROUND'), ('AIMS', 'OBJECTIVE'), ('METHODS', 'METHODS'), ('FINDINGS', 'RESULTS'),
-              ('CONCLUSIONS', 'CONCLUSIONS')]
-
-
-def prose(rng, sentences=3):
-    return ' '.join(' '.join(rng.choice(WORDS) for _ in range(9)).capitalize() + '.' for _ in range(sentences))
-
-
-def record(pmid, rng, types=('Journal Article',), structured=True, mesh=(), keywords=(), title=None):
-    if structured:
-        abstract = ''.join(f'<AbstractText Label="{label}" NlmCategory="{cat}">{prose(rng)}</AbstractText>'
-                           for label, cat in CATEGORIES)
-    else:
-        abstract = f'<AbstractText>{prose(rng, 5)}</AbstractText>'
-    heads = ''.join(f'<MeshHeading><DescriptorName MajorTopicYN="{major}">{name}</DescriptorName></MeshHeading>'
-                    for name, major in mesh)
-    return (f'<PubmedArticle><MedlineCitation><PMID Version="1">{pmid}</PMID><Article>'
-            f'<ArticleTitle>{title or "Study " + str(pmid) + " of " + rng.choice(WORDS)}</ArticleTitle>'
-            f'<Abstract>{abstract}</Abstract><PublicationTypeList>'
-            + ''.join(f'<PublicationType>{t}</PublicationType>' for t in types) +
-            '</PublicationTypeList></Article>'
-            + (f'<MeshHeadingList>{heads}</MeshHeadingList>' if mesh else '')
-            + (f'<KeywordList>{"".join(f"<Keyword>{k}</Keyword>" for k in keywords)}</KeywordList>' if keywords else '')
-            + '</MedlineCitation></PubmedArticle>\n')
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    """120 articles, one replaced by a later file and one deleted, prepared by prepare.py (val and test 20% each)."""
-    root = tmp_path_factory.mktemp('corpus')
-    rng = random.Random(0)
-    kinds = [('Journal Article', 'Review'), ('Case Reports',), ('Journal Article', 'Randomized Controlled Trial'),
-             ('Journal Article',), ('Editorial',)]
-    first = [record(1000 + i, rng, types=kinds[i % 5], structured=i % 2 == 0,
-                    mesh=[('Diabetes Mellitus', 'Y'), ('Humans', 'N')] if i % 3 == 0 else (),
-                    keywords=['metformin', 'glucose'] if i % 4 == 0 else ()) for i in range(120)]
-    later = [record(1000, rng, title='Replaced title of the first study'),
-             '<DeleteCitation><PMID Version="1">1001</PMID></DeleteCitation>\n']
-    inputs = root / 'in'
-    inputs.mkdir()
-    write(inputs / 'pubmed20n0001.xml', pubmed_set(*first))
-    write(inputs / 'pubmed21n0002.xml', pubmed_set(*later))
-    data = str(root / 'data')
-    prep(inputs, '--out', data, '--vocab_size', '300', '--min_chars', '20', '--workers', '1',
-         '--val_frac', '0.2', '--test_frac', '0.2')
-    out = str(root / 'tasks')
-    tasks.main(['--data_dir', data, '--out', out])
-    items = {s: [json.loads(l) for l in open(os.path.join(out, f'{s}.jsonl'))] for s in ('train', 'val', 'test')}
-    return dict(data=data, out=out, items=items, inputs=str(inputs))
+from helpers import ROOT
 
 
 def test_every_item_comes_from_a_document_prepare_put_in_the_same_split(corpus):
@@ -192,8 +139,8 @@ def test_a_kill_at_any_moment_leaves_the_old_output_or_the_new_one_whole(corpus,
     shutil.copytree(old, out)
     outcomes = []
     for delay in [0.00025 * k for k in range(40)]:  # after its temporary folder appears: while it writes, or renames
-        run = subprocess.Popen([sys.executable, os.path.join(HERE, 'tasks.py'), '--data_dir', corpus['data'], '--out', out],
-                               cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tasks.py'), '--data_dir', corpus['data'], '--out', out],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         writing = tmp_path / f'.out.tmp-{run.pid}'  # files.atomic_folder's
         while not writing.exists() and run.poll() is None:
             time.sleep(0.0005)

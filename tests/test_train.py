@@ -18,11 +18,9 @@ import pytest
 import torch
 
 from checkpoint import load_model
+from helpers import ENV, ROOT, load_ckpt, max_diff, read_log, train
 from model import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-ENV = dict(os.environ, OMP_NUM_THREADS='1')  # microscopic models: extra threads only contend on a shared box
 TINY = ['--device=cpu', '--dtype=float32', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32',
         '--multiple_of=16', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2',
         '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2', '--eval_iters=4', '--log_interval=1']
@@ -62,29 +60,6 @@ def write_data(path, seed=0):
     with open(os.path.join(path, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return path
-
-
-def train(out_dir, data_dir, *args, nproc=1, check=True):
-    launcher = [sys.executable] if nproc == 1 else [TORCHRUN, '--standalone', f'--nproc_per_node={nproc}']
-    cmd = launcher + ['train.py', f'--out_dir={out_dir}', f'--data_dir={data_dir}', *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if 'loss' in r], [r for r in records if 'val_loss' in r]
-
-
-def load_ckpt(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def sha(path):

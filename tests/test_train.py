@@ -302,9 +302,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
         time.sleep(0.1)
     assert not os.path.exists(os.path.join(out_dir, 'ckpt.pt'))  # no evaluation yet, so no checkpoint yet
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's and torchrun's: the second must not kill the run before it saves
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert 'stopped by a signal' in stdout
+    assert 'stopped by a signal' in stdout and stdout.count('saved ') == 1, stdout
     steps, _ = read_log(out_dir)
     ckpt = load_ckpt(out_dir)
     print(f"stopped after {ckpt['iter_num']} iterations")
@@ -325,3 +326,24 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, data
     assert sha(os.path.join(out_dir, 'ckpt.pt')) == before
     steps, _ = read_log(out_dir)
     assert not math.isfinite(steps[-1]['loss']) and steps[-1]['iter'] < 40  # stopped at the first bad step
+
+
+def test_a_bf16_checkpoint_resumes_in_fp16_with_a_fresh_gradient_scaler(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'run')
+    train(out_dir, data_dir, *MICRO, '--dtype=bfloat16', '--max_iters=2', '--eval_interval=2')
+    assert load_ckpt(out_dir)['scaler'] == {}  # the disabled scaler's state
+    train(out_dir, data_dir, *MICRO, '--dtype=float16', '--init_from=resume', '--max_iters=4', '--eval_interval=2')
+    assert load_ckpt(out_dir)['iter_num'] == 4 and load_ckpt(out_dir)['scaler']
+
+
+def test_more_ranks_than_micro_steps_split_the_batch_and_match_one_process(data_dir, tmp_path):
+    # 2 gloo ranks x 1 micro-step of 4 sequences become 2 ranks x 1 x 2: the slots of a 1-process run of 2 x 2
+    common = [*MICRO, '--max_iters=4', '--eval_interval=4']
+    train(str(tmp_path / 'one'), data_dir, *common, '--gradient_accumulation_steps=2', '--batch_size=2')
+    result = train(str(tmp_path / 'two'), data_dir, *common, '--gradient_accumulation_steps=1', '--batch_size=4',
+                   nproc=2)
+    assert '2 processes x 1 micro-steps x 2' in result.stdout, result.stdout
+    one, two = read_log(str(tmp_path / 'one'))[0], read_log(str(tmp_path / 'two'))[0]
+    diff = max(abs(a['loss'] - b['loss']) for a, b in zip(one, two))
+    print(f'max loss difference {diff:.2e}')
+    assert len(one) == len(two) == 4 and diff < 1e-4

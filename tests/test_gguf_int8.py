@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from chat import CHAT_TEMPLATE
-from helpers import assert_close, run
+from helpers import DOCS as HELPER_DOCS, assert_close, run
 from model import GPT, GPTConfig
 from tokenizer import CHAT_TOKENS, load_tokenizer, train_bpe
 
@@ -26,15 +26,8 @@ except ImportError:
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason='llama-cpp-python is not installed (optional: '
                                      'pip install llama-cpp-python==0.3.36 checks the GGUF in llama.cpp itself)')
 
-DOCS = [
-    'Metformin is the first-line treatment for type 2 diabetes mellitus in most guidelines.',
-    'Patients aged ≥ 65 years received 5 µg/kg of the β-blocker twice daily for 12 weeks.',
-    "Sjögren's syndrome is a chronic autoimmune disease of the exocrine glands.",
-    'The naïve T cells were cultured at 37 °C; IL-2 levels rose two-fold (p < 0.001).',
-    'Hypertension increases the risk of stroke, myocardial infarction and chronic kidney disease.',
-    'In this randomized controlled trial, 412 patients with heart failure were assigned to treatment.',
-    '糖尿病 (diabetes) prevalence in adults was 11.2% — higher in men than in women.',
-]
+# helpers' first six documents and one in CJK script, which the GGUF vocabulary must round-trip
+DOCS = HELPER_DOCS[:6] + ['糖尿病 (diabetes) prevalence in adults was 11.2% — higher in men than in women.']
 TEXTS = DOCS + ['  two  spaces,\ttabs\nand newlines\n\n', "it's we'll they've I'm DON'T", 'x²+y² = z² 🙂 café',
                 'HbA1c 7.5%; eGFR < 30 mL/min/1.73 m²', 'a literal [EOS] or <|user|> is text', ' lead', 'end ']
 BASE = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=96, intermediate_size=96)

@@ -199,6 +199,56 @@ def score_tasks(path):
     return summary, results
 
 
+def score_mcq(path):
+    """(summary, results) of the multiple-choice questions in path."""
+    questions, results = read_mcq(path), []
+    for prompt, options, answer in tqdm(questions, desc='questions', disable=None):
+        scores = option_logprobs([tok.eos_id] + tok.encode(prompt), [tok.encode(' ' + o) for o in options])
+        scores_norm = [s / (len(o) + 1) for s, o in zip(scores, options)]  # per character of ' ' + option
+        results.append(dict(answer=answer, pred=int(np.argmax(scores)), pred_norm=int(np.argmax(scores_norm)),
+                            scores=scores, scores_norm=scores_norm))
+    summary = dict(questions=len(results),
+                   accuracy=float(np.mean([r['pred'] == r['answer'] for r in results])),
+                   accuracy_norm=float(np.mean([r['pred_norm'] == r['answer'] for r in results])),
+                   chance=float(np.mean([1 / len(q[1]) for q in questions])))
+    return summary, results
+
+
+def read_split(folder):
+    """(tokens of the split, its meta.json entry), checked against the model's vocabulary."""
+    if not folder or not os.path.exists(os.path.join(folder, 'meta.json')):
+        sys.exit(f'error: no meta.json in data folder {folder!r} (--data_dir)')
+    with open(os.path.join(folder, 'meta.json')) as f:
+        meta = json.load(f)
+    if split not in meta['splits']:
+        sys.exit(f"error: {folder} has no split {split!r}, only {', '.join(meta['splits'])} (--split)")
+    info = meta['splits'][split]
+    tokens = np.concatenate([np.fromfile(os.path.join(folder, f), dtype=meta['dtype']) for f in info['files']])
+    if tokens.max() >= model.config.vocab_size:
+        sys.exit(f'error: {folder} holds token {tokens.max()}, past the model\'s vocab_size {model.config.vocab_size}')
+    return np.concatenate([[meta['eos_id']], tokens]).astype(np.int64), info
+
+
+def score_split(data, step):
+    """(summed NLL, windows) of every target data[1:] given what precedes it, in windows of block_size."""
+    n, L = len(data) - 1, min(block_size, len(data) - 1)
+    windows, end, done = [], L, 0  # (first input, first scored target, end)
+    while True:
+        windows.append((end - L, done, end))
+        if end == n:
+            break
+        done, end = end, min(end + step, n)
+    total, data = 0.0, torch.from_numpy(data)
+    for i in tqdm(range(0, len(windows), batch_size), desc=f'{split} windows', disable=None):
+        batch = windows[i:i + batch_size]
+        x = torch.stack([data[a:e] for a, _, e in batch])
+        y = torch.stack([data[a + 1:e + 1] for a, _, e in batch])
+        for row, (a, d, _) in enumerate(batch):
+            y[row, :d - a] = -1  # scored by an earlier window
+        total += nll(x.to(device), y.to(device)).double().sum().item()
+    return total, windows
+
+
 with torch.no_grad(), ctx:
     if tasks:
         require_chat(tok, model.config.vocab_size)
@@ -207,52 +257,17 @@ with torch.no_grad(), ctx:
         report = dict(out_dir=out_dir, tasks=tasks, summary=summary, results=results)
         default_out = 'eval_tasks.json'
     elif mcq:
-        questions, results = read_mcq(mcq), []
-        for prompt, options, answer in tqdm(questions, desc='questions', disable=None):
-            scores = option_logprobs([tok.eos_id] + tok.encode(prompt), [tok.encode(' ' + o) for o in options])
-            scores_norm = [s / (len(o) + 1) for s, o in zip(scores, options)]  # per character of ' ' + option
-            results.append(dict(answer=answer, pred=int(np.argmax(scores)), pred_norm=int(np.argmax(scores_norm)),
-                                scores=scores, scores_norm=scores_norm))
-        summary = dict(questions=len(results),
-                       accuracy=float(np.mean([r['pred'] == r['answer'] for r in results])),
-                       accuracy_norm=float(np.mean([r['pred_norm'] == r['answer'] for r in results])),
-                       chance=float(np.mean([1 / len(q[1]) for q in questions])))
+        summary, results = score_mcq(mcq)
         header = f'{mcq}: {len(results)} questions'
         report = dict(out_dir=out_dir, mcq=mcq, **summary, results=results)
         default_out = f'eval_{os.path.splitext(os.path.basename(mcq))[0]}.json'
     else:
-        folder = data_dir or trained_on()
-        if not folder or not os.path.exists(os.path.join(folder, 'meta.json')):
-            sys.exit(f'error: no meta.json in data folder {folder!r} (--data_dir)')
-        with open(os.path.join(folder, 'meta.json')) as f:
-            meta = json.load(f)
-        if split not in meta['splits']:
-            sys.exit(f"error: {folder} has no split {split!r}, only {', '.join(meta['splits'])} (--split)")
-        info = meta['splits'][split]
-        tokens = np.concatenate([np.fromfile(os.path.join(folder, f), dtype=meta['dtype']) for f in info['files']])
-        if tokens.max() >= model.config.vocab_size:
-            sys.exit(f'error: {folder} holds token {tokens.max()}, past the model\'s vocab_size '
-                     f'{model.config.vocab_size}')
-        data = torch.from_numpy(np.concatenate([[meta['eos_id']], tokens]).astype(np.int64))
-        n, L = len(tokens), min(block_size, len(tokens))  # n targets: data[1:] given what precedes each
-        step = stride or block_size // 2
+        folder, step = data_dir or trained_on(), stride or block_size // 2
         if not 1 <= step <= block_size:
             sys.exit(f'error: stride {step} must be between 1 and block_size {block_size}')
-        windows, end, done = [], L, 0  # (first input, first scored target, end)
-        while True:
-            windows.append((end - L, done, end))
-            if end == n:
-                break
-            done, end = end, min(end + step, n)
-        total = 0.0
-        for i in tqdm(range(0, len(windows), batch_size), desc=f'{split} windows', disable=None):
-            batch = windows[i:i + batch_size]
-            x = torch.stack([data[a:e] for a, _, e in batch])
-            y = torch.stack([data[a + 1:e + 1] for a, _, e in batch])
-            for row, (a, d, _) in enumerate(batch):
-                y[row, :d - a] = -1  # scored by an earlier window
-            total += nll(x.to(device), y.to(device)).double().sum().item()
-        loss = total / n
+        data, info = read_split(folder)
+        total, windows = score_split(data, step)
+        n, L, loss = len(data) - 1, min(block_size, len(data) - 1), total / (len(data) - 1)
         summary = dict(loss=loss, perplexity=math.exp(loss), bits_per_token=loss / math.log(2),
                        bits_per_byte=total / math.log(2) / info['bytes'])
         header = (f'{folder} {split}: {n:,} tokens, {info["bytes"]:,} bytes, '

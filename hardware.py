@@ -25,6 +25,17 @@ def peak_flops(device_name):
     return None
 
 
+def flops_per_token(model):
+    # PaLM appendix B: 6N for the matmuls of forward and backward, plus the attention scores
+    cfg = model.config
+    return 6 * model.get_num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+
+def estimate_mfu(model, tokens_per_iter, dt, peak):
+    """Model FLOPs utilisation: the FLOP/s achieved over the peak (peak_flops)."""
+    return flops_per_token(model) * tokens_per_iter / dt / peak
+
+
 def check_device(device):
     """Stops with one line if device names an accelerator this machine cannot use: a GPU config must not fall
     back to training a 381M model on CPU cores (a driver mismatch makes torch.cuda.is_available() False)."""

@@ -1,11 +1,8 @@
 """
-The whole medslm decoder in one file, importing nothing else of medslm.
-
-Modern block (the default): RMSNorm, rotary position embeddings, SwiGLU, grouped-query attention through
-F.scaled_dot_product_attention, no biases, optional tied embeddings. Classic GPT-2 block through config switches:
-LayerNorm, learned positions, GELU MLP, biases, tied head. Plus a KV cache for decoding, sampling with temperature /
-top-k / top-p, and a fused linear + cross-entropy loss that never holds the whole batch's logits. RoPE's half-split
-layout and the tanh GELU map the weights one-to-one onto Hugging Face's Llama and GPT-2 (export.py).
+The whole medslm decoder, importing nothing else of medslm. Modern block (the default): RMSNorm, rotary embeddings,
+SwiGLU, grouped-query attention, no biases. Classic GPT-2 block through config switches: LayerNorm, learned
+positions, GELU MLP, biases, tied head. Plus a KV cache, sampling, and a fused head + cross-entropy that never holds
+a batch's logits. RoPE's half-split layout and the tanh GELU map one-to-one onto Hugging Face's Llama and GPT-2.
 """
 import math
 from dataclasses import dataclass
@@ -41,8 +38,8 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         assert self.n_embd % self.n_head == 0, 'n_embd must be divisible by n_head'
         assert self.n_head % self.n_kv_head == 0, 'n_kv_head must divide n_head'
-        assert self.norm in ('rmsnorm', 'layernorm') and self.pos_embedding in ('rope', 'learned')
-        assert self.mlp in ('swiglu', 'gelu')
+        assert self.norm in ('rmsnorm', 'layernorm') and self.pos_embedding in ('rope', 'learned') and \
+            self.mlp in ('swiglu', 'gelu')
         if self.intermediate_size is None:
             if self.mlp == 'swiglu':  # LLaMA: 2/3 of 4*dim keeps the FLOPs of a 4*dim GELU MLP
                 hidden = int(2 * 4 * self.n_embd / 3)
@@ -82,9 +79,8 @@ class KVCache(nn.Module):
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos, k, v):
-        # writes positions pos..pos+T-1 and returns the keys and values of positions 0..pos+T-1; a decode step
-        # (pos a (1,) tensor) gets the whole cache instead: one shape at every position, so a compiled step never
-        # recompiles (the slots past pos are masked)
+        # writes positions pos..pos+T-1, returns keys and values of 0..pos+T-1; a decode step (pos a (1,) tensor)
+        # gets the whole cache, masked past pos: one shape at every position, so a compiled step never recompiles
         if torch.is_tensor(pos):
             self.k.index_copy_(2, pos, k)
             self.v.index_copy_(2, pos, v)
@@ -160,14 +156,11 @@ class Block(nn.Module):
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (h @ weight.T) against targets (-1 = ignore), a chunk of rows at a time.
-
-    The full (B*T, vocab) fp32 logits tensor is the largest allocation of a small model's step; here only
-    one chunk exists at a time. The gradients are computed in the forward pass (the loss is a scalar, so
-    backward only scales them), which costs the same matmuls as the unfused version. One log-softmax pass
-    gives both the loss and, exponentiated in place, the softmax; ignored rows are masked in the small
-    (rows, n_embd) tensors, not the (rows, vocab) one, and without a host sync.
-    """
+    """Mean cross-entropy of (h @ weight.T) against targets (-1 = ignore), a chunk of rows at a time: the (B*T,
+    vocab) fp32 logits, a small model's largest allocation, never exist whole. Gradients are computed in forward
+    (the loss is a scalar: backward only scales them), the same matmuls as unfused. One log-softmax gives the loss
+    and, exponentiated in place, the softmax; ignored rows are masked in the (rows, n_embd) tensors, not the
+    (rows, vocab) one, and without a host sync."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
@@ -210,10 +203,9 @@ def target_logprobs(h, weight, targets):
 
 
 def sequence_logprobs(h, weight, targets, chunk_rows=2048):
-    """(B,) the summed log-probabilities of each row's targets (-1: not counted), in fp32: DPO's scores of a
-    reply. Only the counted positions go through the head (a reply is a small part of its sequence; selecting
-    them costs a host sync on a GPU), a chunk of rows at a time, recomputed in backward: the (rows, vocab) fp32
-    log-probabilities of one chunk exist at a time, not those of every reply token."""
+    """(B,) the summed fp32 log-probabilities of each row's targets (-1: not counted), DPO's scores of a reply.
+    Only counted positions go through the head (a reply is a small part of its sequence; selecting them costs a
+    host sync on a GPU), a chunk of rows at a time, recomputed in backward: one chunk's logits exist at a time."""
     counted = targets != -1
     hc, tc = h[counted], targets[counted]
     logp = torch.cat([torch.utils.checkpoint.checkpoint(target_logprobs, hc[s:s + chunk_rows], weight,
@@ -237,16 +229,14 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer('rope', rope_cache(config.block_size, config.head_dim, config.rope_theta),
                              persistent=False)
-        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith('wo.weight') or name.endswith('w2.weight'):  # GPT-2: residual writes scaled by depth
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=False):
         # non_embedding: less the lookups (positions, and the token embedding unless the head multiplies by it)
@@ -264,8 +254,7 @@ class GPT(nn.Module):
         positions = pos if torch.is_tensor(pos) else torch.arange(pos, pos + T, device=idx.device)
         if not torch.is_tensor(pos) and pos + T > self.config.block_size:  # stream() checks a decode's bounds
             raise ValueError(f'sequence of {pos + T} tokens exceeds block_size {self.config.block_size}')
-        x = self.tok_embeddings(idx)
-        rope = None
+        x, rope = self.tok_embeddings(idx), None
         if self.config.pos_embedding == 'learned':
             x = x + self.pos_embeddings(positions)
         else:
@@ -286,22 +275,11 @@ class GPT(nn.Module):
             return None, sequence_logprobs(h, self.output.weight, targets)
         return None, cross_entropy_loss(h, self.output.weight, targets)
 
-    def flops_per_token(self):
-        # PaLM appendix B: 6N for the matmuls of forward+backward, plus the attention scores
-        cfg = self.config
-        n = self.get_num_params(non_embedding=True)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
-
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (hardware.peak_flops)."""
-        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
-
     def setup_caches(self, batch_size, max_len):
-        # Decoding multiplies one row by every weight matrix, reading all of them once per token. Stored
-        # column-major (same shape and values, the transpose contiguous) those reads run in memory order: on
-        # CPU the head's matmul is 3x faster and a whole decoding step ~1.2x (eager) to 1.6x (compiled).
-        # The layout stays after decoding (the next call would pay the copies again: ~75 ms at healthslm_15m's
-        # shape); train() restores the row-major one. GPUs read both layouts at full speed: no copy there.
+        # Decoding reads every weight matrix once per token. Stored column-major (same shape and values, the
+        # transpose contiguous) a CPU reads them in memory order: the head's matmul 3x faster, a decoding step
+        # ~1.2x (eager) to 1.6x (compiled). The layout stays (re-copying costs ~75 ms at healthslm_15m's shape);
+        # train() restores row-major. GPUs read both layouts at full speed: no copy there.
         device = self.tok_embeddings.weight.device
         for module in self.modules():
             if device.type == 'cpu' and isinstance(module, nn.Linear) and not module.weight.t().is_contiguous():

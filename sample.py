@@ -101,25 +101,28 @@ def fit_history(messages):
         turns = turns[2:] if len(turns) > 2 else turns[-1:]  # a user turn and its reply go together
 
 
+def read_message():
+    """The next non-blank line of stdin, with a prompt at a terminal; None at the end of input (Ctrl-D)."""
+    while True:
+        if sys.stdin.isatty():
+            sys.stdout.write('> ')
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        if line.strip():
+            return line.rstrip('\n')
+
+
 n_tokens, t0 = 0, time.time()
 if chat:
     require_chat(tok, model.config.vocab_size)
     history = [{'role': 'system', 'content': system}] if system else []
-    interactive = sys.stdin.isatty() and not start
     with torch.no_grad(), ctx:
         while True:
-            if start:
-                message = start
-            else:
-                if interactive:
-                    sys.stdout.write('> ')
-                    sys.stdout.flush()
-                message = sys.stdin.readline()
-                if not message:  # Ctrl-D / end of input
-                    break
-                message = message.rstrip('\n')
-                if not message.strip():
-                    continue
+            message = start or read_message()
+            if message is None:
+                break
             history.append({'role': 'user', 'content': message})
             ids = fit_history(history)
             if ids is None:
@@ -149,4 +152,5 @@ else:
             sys.stdout.flush()
 dt = time.time() - t0
 print(f'{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s '
-      f'({"KV cache" if kv_cache else "no cache"}, {device}, {quantize or dtype})', file=sys.stderr)
+      f'({"KV cache" if kv_cache else "no cache"}, {device}, '
+      f'{quantize or str(getattr(ctx, "fast_dtype", torch.float32)).removeprefix("torch.")})', file=sys.stderr)

@@ -44,7 +44,7 @@ from checkpoint import grow_vocab, load_base, load_checkpoint, load_lora, load_m
 from configurator import configure
 from data import chat_split, get_batch, shard_split
 from files import atomic_folder, sha256
-from hardware import check_device, peak_flops as device_peak_flops, resolve_dtype, split_batch
+from hardware import check_device, estimate_mfu, peak_flops as device_peak_flops, resolve_dtype, split_batch
 from lora import adapter_state_dict, adapters_off, add_lora, merge_lora, save_peft
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -425,7 +425,7 @@ def flush_steps():
     now = time.time()
     dt = (now - t_flush) / len(pending)  # only the interval is timed accurately: the device runs ahead
     tokens_per_s = tokens_per_iter / dt
-    mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak_flops) if peak_flops else None
+    mfu = estimate_mfu(raw_model, tokens_per_iter / ddp_world_size, dt, peak_flops) if peak_flops else None
     for (it, _, lr, elapsed), values in zip(pending, stats.tolist()):
         record = dict(zip(STATS, values))
         loss = record['loss']
@@ -518,6 +518,19 @@ if master_process:
           f'{" pairs x 2" if dpo_data else ""} x {block_size}), '
           f'{dtype} on {device}')
 
+def evaluate_and_save():
+    """Evaluates, and saves a checkpoint if the val loss is the best yet (or always_save_checkpoint): whether it
+    saved. Neither is counted in the next log line's speed."""
+    global best_val_loss, t_flush
+    val_loss = evaluate()
+    saved = val_loss < best_val_loss or always_save_checkpoint
+    if saved:
+        best_val_loss = min(best_val_loss, val_loss)
+        save_checkpoint()
+    t_flush = time.time()
+    return saved
+
+
 # -----------------------------------------------------------------------------
 # training loop
 pending = []  # (iter, STATS on the device, lr, elapsed_s) of the steps not yet logged
@@ -555,16 +568,9 @@ while iter_num < max_iters:
     evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
     if iter_num % log_interval == 0 or evaluating or stopping:
         flush_steps()
-    saved = False
-    if evaluating:
-        val_loss = evaluate()
-        if val_loss < best_val_loss or always_save_checkpoint:
-            best_val_loss = min(best_val_loss, val_loss)
-            save_checkpoint()
-            saved = True
-        t_flush = time.time()
+    saved = evaluating and evaluate_and_save()
     if stopping:
-        if not (evaluating and saved):  # even if the val loss is worse: this is where the resumed run continues
+        if not saved:  # even if the val loss is worse: this is where the resumed run continues
             save_checkpoint()
         if master_process:
             print(f'stopped by a signal at iter {iter_num}; continue with --init_from=resume')

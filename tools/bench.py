@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)  # run as python tools/bench.py: the project's modules 
 import records
 import tokenizer
 from configurator import configure
+from hardware import estimate_mfu
 from model import GPT, GPTConfig
 from optim import configure_optimizers
 from quantize import Int8Linear, quantize_int8
@@ -170,6 +171,39 @@ def row(item, ours, theirs=None, mfu=(None, None), mb=(None, None)):
 
 
 peaks, notes, tokens, decode_rows = {}, [], batch_size * seq_len, []
+def gguf_files(model, outtypes):
+    """{outtype: path} of the model exported by export.py as GGUF files, in a temporary folder."""
+    # export.py needs a tokenizer: a small BPE, its ids padded to the model's vocab_size with unused tokens
+    tmp = tempfile.mkdtemp()
+    tok = tokenizer.train_bpe(['Metformin lowers hepatic glucose output in type 2 diabetes.'] * 4, 300)
+    tok.save(os.path.join(tmp, 'tokenizer.json'))
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(dict(tokenizer='bpe', vocab_size=model.config.vocab_size, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                       tokenizer_file='tokenizer.json', splits={}), f)
+    from safetensors.torch import save_model
+    save_model(model, os.path.join(tmp, 'model.safetensors'))
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+        json.dump({fl.name: getattr(model.config, fl.name) for fl in fields(GPTConfig)}, f)
+    for outtype in outtypes:
+        subprocess.run([sys.executable, os.path.join(ROOT, 'export.py'), f'--out_dir={tmp}',
+                        '--format=gguf', f'--outtype={outtype}'], check=True, stdout=subprocess.DEVNULL)
+    return {outtype: os.path.join(tmp, f'model-{outtype}.gguf') for outtype in outtypes}
+
+
+def llama_cpp_generate(llm, prompt_ids, new_tokens, vocab_size):
+    # llama.cpp's own decode loop, greedy on its logits: one llama_decode call per token
+    import llama_cpp
+    llm.reset()
+    llm.eval(prompt_ids)
+    out = []
+    for _ in range(new_tokens):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab_size,))
+        out.append(int(logits.argmax()))
+        if len(out) < new_tokens:
+            llm.eval(out[-1:])
+    return out
+
+
 if train:
     x, y = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), device=device)
     with torch.no_grad():
@@ -206,7 +240,7 @@ if train:
         for mode in modes:
             ours, theirs = (mode, False), (mode, True)
             row(f'train {mode} {dtype}', tokens / dt[ours], tokens / dt[theirs],
-                [model.estimate_mfu(tokens, dt[k], peaks[dtype]) for k in (ours, theirs)], (mb[ours], mb[theirs]))
+                [estimate_mfu(model, tokens, dt[k], peaks[dtype]) for k in (ours, theirs)], (mb[ours], mb[theirs]))
         del fns
 
 if generate:
@@ -264,35 +298,7 @@ if decode:
            'medslm int8': lambda: int8.generate(prompt, new_tokens, temperature=0)}
     if compile:
         fns['medslm compiled float32'] = lambda: compiled.generate(prompt, new_tokens, temperature=0)
-    llms = {}
-    if llama_cpp is not None:
-        # export.py needs a tokenizer: a small BPE, its ids padded to the model's vocab_size with unused tokens
-        tmp = tempfile.mkdtemp()
-        tok = tokenizer.train_bpe(['Metformin lowers hepatic glucose output in type 2 diabetes.'] * 4, 300)
-        tok.save(os.path.join(tmp, 'tokenizer.json'))
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(dict(tokenizer='bpe', vocab_size=cfg.vocab_size, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-                           tokenizer_file='tokenizer.json', splits={}), f)
-        from safetensors.torch import save_model
-        save_model(model, os.path.join(tmp, 'model.safetensors'))
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump({fl.name: getattr(cfg, fl.name) for fl in fields(GPTConfig)}, f)
-        for outtype in ('f32', 'q8_0'):
-            subprocess.run([sys.executable, os.path.join(ROOT, 'export.py'), f'--out_dir={tmp}',
-                            '--format=gguf', f'--outtype={outtype}'], check=True, stdout=subprocess.DEVNULL)
-            llms[outtype] = os.path.join(tmp, f'model-{outtype}.gguf')
-
-    def llama_cpp_generate(llm):
-        # llama.cpp's own decode loop, greedy on its logits: one llama_decode call per token
-        llm.reset()
-        llm.eval(prompt[0].tolist())
-        out = []
-        for _ in range(new_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(cfg.vocab_size,))
-            out.append(int(logits.argmax()))
-            if len(out) < new_tokens:
-                llm.eval(out[-1:])
-        return out
+    llms = gguf_files(model, ('f32', 'q8_0')) if llama_cpp is not None else {}
 
     big = torch.ones(2**26)  # 256 MB, well past the caches: a read of it measures memory bandwidth
     for n_threads in decode_threads:
@@ -301,7 +307,8 @@ if decode:
         for outtype, path in llms.items():
             llm = llama_cpp.Llama(path, n_ctx=prompt_len + new_tokens, n_threads=n_threads,
                                   n_threads_batch=n_threads, verbose=False)
-            runs[f'llama.cpp {outtype}'] = lambda llm=llm: llama_cpp_generate(llm)
+            runs[f'llama.cpp {outtype}'] = lambda llm=llm: llama_cpp_generate(
+                llm, prompt[0].tolist(), new_tokens, cfg.vocab_size)
         with torch.no_grad():
             for fn in runs.values():
                 warm(fn, warmup)

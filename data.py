@@ -2,13 +2,16 @@
 The batches train.py trains on, by the kind of data: random windows of prepare.py's token shards (pre-training), or
 chat data rendered once, up front (chat.py): conversations packed into windows (SFT), or preference pairs, each a
 chosen and a rejected sequence (DPO). Every split is checked as it is read, with a one-line error naming the file.
+A mix draws each window of a batch from one of several such splits (shards and conversations), by weight.
 """
+import json
 import os
 
 import numpy as np
 import torch
 
-from chat import pack, pair_windows, read_conversations, read_pairs
+from chat import is_pairs, pack, pair_windows, read_conversations, read_pairs, require_chat
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
 def shard_split(data_dir, meta, split, block_size):
@@ -49,9 +52,60 @@ def chat_split(path, tok, block_size, pairs=False, skip_bad=False, seed=0, verbo
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def parse_mix(mix):
+    """[(folder, weight)] of a mix setting, 'folder:weight,folder:weight' (weights > 0, summing below 1)."""
+    parts = []
+    for item in filter(None, mix.split(',')):
+        folder, _, weight = item.rpartition(':')
+        try:
+            parts.append((folder, float(weight)))
+        except ValueError:
+            raise SystemExit(f'error: mix takes folder:weight items separated by commas, got {item!r}') from None
+        if not folder or not 0 < parts[-1][1] < 1:
+            raise SystemExit(f'error: mix item {item!r} needs a folder and a weight between 0 and 1')
+    if sum(w for _, w in parts) >= 1:
+        raise SystemExit(f"error: the mix's weights sum to {sum(w for _, w in parts):g}: data_dir needs the rest")
+    return parts
+
+
+def mix_split(train_split, parts, tokenizer_dir, meta, block_size, skip_bad=False, seed=0, verbose=True):
+    """The training split of a mix: data_dir's (train_split) and each part's train split, with their weights. A part
+    is token shards of the same tokenizer or conversations, which that tokenizer renders with their loss masks."""
+    splits, weights, tok = [train_split], [1 - sum(w for _, w in parts)], None
+    for folder, weight in parts:
+        meta_path, chat_path = os.path.join(folder, 'meta.json'), os.path.join(folder, 'train.jsonl')
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                part_meta = json.load(f)
+            if tokenizer_fingerprint(part_meta, folder) != tokenizer_fingerprint(meta, tokenizer_dir):
+                raise SystemExit(f'error: mix folder {folder} was encoded by another tokenizer than {tokenizer_dir}')
+            splits.append(shard_split(folder, part_meta, 'train', block_size))
+        elif os.path.exists(chat_path) and not is_pairs(chat_path):
+            tok = tok or load_tokenizer(tokenizer_dir)
+            require_chat(tok)
+            splits.append(chat_split(chat_path, tok, block_size, skip_bad=skip_bad, seed=seed, verbose=verbose))
+        else:
+            raise SystemExit(f'error: mix folder {folder} holds neither token shards (meta.json) nor conversations '
+                             '(train.jsonl); preference pairs do not mix')
+        weights.append(weight)
+    return {'parts': splits, 'weights': torch.tensor(weights, dtype=torch.float64)}
+
+
 def get_batch(split, batch_size, block_size, generator, device):
     """batch_size windows of a split drawn with generator, (inputs, targets) on device; of preference pairs,
     2 x batch_size sequences: chosen, rejected, chosen..."""
+    x, y = draw(split, batch_size, block_size, generator)
+    if device.startswith('cuda'):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def draw(split, batch_size, block_size, generator):
+    if isinstance(split, dict):  # a mix: how many of the windows each part gives, then the windows part by part
+        part = torch.multinomial(split['weights'], batch_size, replacement=True, generator=generator)
+        drawn = [draw(p, int(n), block_size, generator) for p, n in zip(split['parts'], part.bincount(
+                 minlength=len(split['parts'])).tolist()) if n]
+        return torch.cat([x for x, _ in drawn]), torch.cat([y for _, y in drawn])
     if isinstance(split[0], torch.Tensor):  # chat data: its windows, rendered
         windows, targets = split
         ix = torch.randint(len(windows), (batch_size,), generator=generator)
@@ -68,6 +122,4 @@ def get_batch(split, batch_size, block_size, generator, device):
         w = torch.from_numpy(np.stack([shards[s][o:o + block_size + 1]
                                        for s, o in zip(shard, offsets)]).astype(np.int64))
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-    if device.startswith('cuda'):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    return x, y

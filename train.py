@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from chat import DPO_STATS, dpo_loss, is_pairs, require_chat
 from checkpoint import grow_vocab, load_base, load_checkpoint, load_lora, load_model, tokenizer_folder, weights_file
 from configurator import configure
-from data import chat_split, get_batch, shard_split
+from data import chat_split, get_batch, mix_split, parse_mix, shard_split
 from files import atomic_folder, sha256
 from hardware import check_device, estimate_mfu, peak_flops as device_peak_flops, resolve_dtype, split_batch
 from lora import adapter_state_dict, adapters_off, add_lora, merge_lora, save_peft
@@ -61,6 +61,8 @@ init_from = 'scratch'       # 'scratch' | 'resume' (from out_dir/ckpt.pt) | path
 export_only = False         # just rebuild out_dir/export/ from out_dir/ckpt.pt
 # data
 data_dir = 'data/pubmed'    # prepare.py's output (meta.json, .bin shards), or chat JSON lines (train.jsonl, val.jsonl)
+mix = ''                    # other data folders in every batch, 'folder:weight,...' (token shards or conversations):
+                            # each weight the share of windows drawn from it, data_dir the rest. Validation: data_dir's
 skip_bad = False            # chat data: skip (and count) bad JSON lines rather than stop at the first
 dpo_beta = 0.1              # DPO (chat data of preference pairs): how far the rewards may pull from the reference
 gradient_accumulation_steps = 40  # micro-steps per optimizer step, summed over all ranks
@@ -225,6 +227,9 @@ if adapters and init_from == 'scratch':
 if dpo_data and adapters and adapters['train_embeddings']:
     raise SystemExit('error: DPO with LoRA takes the base (adapters off) as its reference, which '
                      'lora_train_embeddings would move: train the adapters alone')
+mix_parts = parse_mix(mix)
+if mix_parts and dpo_data:
+    raise SystemExit('error: DPO trains on preference pairs alone: mix takes token shards and conversations')
 if dpo_data and checkpoint is not None and not checkpoint.get('dpo'):
     raise SystemExit(f'error: {ckpt_path} is not a DPO run: start one from it with --init_from={out_dir} '
                      'and another out_dir')
@@ -233,7 +238,9 @@ if master_process:
     kind = 'preference pairs (DPO)' if dpo_data else 'chat data (SFT)' if chat_data else 'token shards (pre-training)'
     start = {'scratch': 'from scratch', 'resume': f'resumed from {ckpt_path}'}.get(init_from, f'on {init_from}')
     tuning = f"LoRA rank {adapters['rank']}" if adapters else 'full'
-    print(f'data: {data_dir} is {kind}, {tuning} {start}')
+    mixed = ''.join(f', {w:.0%} {folder}' for folder, w in mix_parts)
+    print(f'data: {data_dir} is {kind}, {tuning} {start}' +
+          (f'; batches mix {1 - sum(w for _, w in mix_parts):.0%} of it{mixed}' if mix_parts else ''))
 
 # -----------------------------------------------------------------------------
 # data (data.py): random windows of token shards, or chat data rendered once, up front
@@ -245,6 +252,9 @@ if chat_data:
                                 skip_bad=skip_bad, seed=seed, verbose=master_process) for split in ('train', 'val')}
 else:
     splits = {split: shard_split(data_dir, meta, split, block_size) for split in ('train', 'val')}
+if mix_parts:  # trains on the mix; validates on data_dir alone, so val losses compare with an unmixed run's
+    splits['train'] = mix_split(splits['train'], mix_parts, tokenizer_dir, meta, block_size, skip_bad, seed,
+                                master_process)
 # One sampler stream per micro-batch slot of the global batch (rank r owns slots r*k .. r*k+k-1): the global
 # batch is then the same on any number of processes that divides the micro-steps, so runs compare across world
 # sizes and resume exactly (more ranks than micro-steps split the micro-batches instead: other slots, other draws).

@@ -35,6 +35,12 @@ NO_LABEL = {"", "UNLABELLED", "UNASSIGNED"}  # placeholder labels of unstructure
 BAD_FILE = (OSError, EOFError, zlib.error, ET.ParseError, ValueError)  # UnicodeDecodeError is a ValueError
 
 SPLITS = ["train", "val", "test"]  # a document's split is stored as its index here
+# A document's license (license_of), stored as its index here. none: the source states none (PubMed abstracts,
+# plain text, a PMC article with only a copyright line); other: a <license> we cannot name (a publisher's own).
+LICENSES = ("none", "cc0", "public-domain", "cc-by", "cc-by-sa", "cc-by-nd", "cc-by-nc", "cc-by-nc-sa", "cc-by-nc-nd",
+            "other")
+# what PMC's commercial use subset takes (CC0, CC BY, CC BY-SA, CC BY-ND), and public domain works (US government's)
+COMMERCIAL = ("cc0", "public-domain", "cc-by", "cc-by-sa", "cc-by-nd")
 RECORD, TEXT, DELETION = 0, 1, 2  # kinds of record: an id'd record, a text: record, a deletion
 # the columns the record rule reads, a row per record (record_row): the id as 8 bytes (record_key), the kind, the
 # id's hash (id_hash: the split), the text's size in bytes and characters, its 16-byte digest as two halves
@@ -192,6 +198,63 @@ def records_of(path, elements=False):
             yield record if elements else record[:2]
     if n == 0:
         raise ValueError("empty input, no documents")
+
+# -----------------------------------------------------------------------------
+# what a record says of itself beside its text: its license, the PubMed id it is about
+
+XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+ALI_REF = "{http://www.niso.org/schemas/ali/1.0/}license_ref"  # JATS 1.1+: the license's URL as text
+CC_URL = re.compile(r"creativecommons\.org/(?:licenses/([a-z-]+)|publicdomain/(zero|mark))", re.I)
+CC_WORDS = re.compile(r"creative commons (?:cc0|zero)|creative commons attribution((?:[ -]+(?:non-?commercial|"
+                      r"no-?deriv\w*|share-?alike))*)", re.I)
+
+def license_name(url, text):
+    """One of LICENSES from a license's URL, else from its words (older PLOS articles name theirs only in prose:
+    "distributed under the terms of the Creative Commons Attribution License"); None where neither names one."""
+    if m := CC_URL.search(url) or CC_URL.search(text):
+        if m[2]:
+            return "cc0" if m[2].lower() == "zero" else "public-domain"
+        terms = set(m[1].lower().strip("-").split("-"))
+    elif m := CC_WORDS.search(text):
+        if m[1] is None:  # Creative Commons CC0 / Zero
+            return "cc0"
+        words = m[1].lower().replace("-", "").replace(" ", "")
+        terms = {"by"} | {t for t, w in (("nc", "noncommercial"), ("nd", "noderiv"), ("sa", "sharealike"))
+                          if w in words}
+    elif re.search(r"\bpublic domain\b", text, re.I):
+        return "public-domain"
+    else:
+        return None
+    name = "cc-" + "-".join(["by"] + [t for t in ("nc", "nd", "sa") if t in terms])
+    return name if "by" in terms and terms <= {"by", "nc", "nd", "sa"} and name in LICENSES else "other"
+
+def license_of(el):
+    """(name, type, URL) of a record's license: name one of LICENSES, type and URL as the source gives them. Only
+    PMC articles state one, in front/article-meta/permissions/license (or, in older ones, only in prose in the
+    copyright statement); a PubMed record or plain text is ("none", "", "")."""
+    meta = el.find("front/article-meta") if el is not None and el.tag == "article" else None
+    if meta is None:
+        return "none", "", ""
+    lic = meta.find("permissions/license")
+    if lic is None:
+        statements = meta.findall("permissions/copyright-statement") + meta.findall("copyright-statement")
+        return license_name("", " ".join(squash(text_of(s)) for s in statements)) or "none", "", ""
+    ref = lic.find(ALI_REF)
+    url = squash(lic.get(XLINK_HREF) or (ref.text or "" if ref is not None else ""))
+    links = " ".join(e.get(XLINK_HREF, "") for e in lic.iter())  # an ext-link in the license's prose
+    return license_name(url, squash(text_of(lic)) + " " + links) or "other", squash(lic.get("license-type", "")), url
+
+def pmid_of(doc_id, el):
+    """The PubMed id of the article a record holds (a PMC article's <article-id pub-id-type="pmid">), 0 if none:
+    so an evaluation item that names a PMID finds the article's full text too."""
+    if doc_id.startswith("pmid:"):
+        key = record_key(doc_id)
+        return key if key < 1 << 63 else 0
+    for e in el.findall("front/article-meta/article-id") if el is not None and el.tag == "article" else []:
+        if e.get("pub-id-type") == "pmid" and (e.text or "").strip().isdigit():
+            pmid = int(e.text)
+            return pmid if pmid < 1 << 63 else 0
+    return 0
 
 # -----------------------------------------------------------------------------
 # ids and splits

@@ -164,7 +164,8 @@ def test_shards_decode_back_to_the_documents_and_meta_counts_them(tmp_path, kind
     assert len(files) > 2 and files[:2] == ["train_0000.bin", "train_0001.bin"]
     assert [os.path.getsize(out / f) // 2 for f in files[:-1]] == [1000] * (len(files) - 1)
     assert meta["dtype"] == "uint16" and meta["splits"]["val"]["files"] == ["val.bin"]
-    assert sorted(os.listdir(out)) == sorted(files + ["val.bin", "test.bin", "meta.json"] + (["tokenizer.json"] if kind == "bpe" else []))
+    assert sorted(os.listdir(out)) == sorted(files + ["val.bin", "test.bin", "meta.json", "manifest.tsv.gz"]
+                                             + (["tokenizer.json"] if kind == "bpe" else []))
     tok = tokenizer.load_tokenizer(out)
     assert tok.kind == kind and tok.vocab_size == meta["vocab_size"] and tok.eos_id == meta["eos_id"]
     assert tok.eos_id not in tok.encode(UNICODE_DOCS[2])  # no specials from text, none added

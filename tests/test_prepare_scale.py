@@ -148,6 +148,28 @@ def test_rerun_after_kill_9_mid_encode_writes_the_same_shards(tmp_path, source, 
                if f != "meta.json")
 
 
+def test_a_killed_run_with_exclude_resumes_to_the_same_shards_and_manifest(tmp_path, source):
+    # the killed run has dropped the texts of the first file once encoded: the resumed one cannot scan them again
+    data = corpus(tmp_path / "in", 2000, per_file=500)
+    first = next(t for _, t in records.records_of(os.path.join(data, "pubmed26n0001.xml.gz")) if t)
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text(json.dumps({"question": "Which?", "context": " ".join(first.split()[:30]), "options": ["a", "b"],
+                               "answer": "a"}) + "\n")
+    args = [data, "--tokenizer", "gpt2", *FAST, "--min_chars", "20", "--shard_tokens", "20000", "--exclude", str(mcq)]
+    whole = prepare.main([*args, "--out", str(tmp_path / "whole")])
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_ENCODE, *args, "--out", str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    parsed = tmp_path / "out.tmp" / "parsed"
+    assert any(not os.path.exists(parsed / n.replace(".npz", ".z")) for n in os.listdir(parsed) if n.endswith(".npz"))
+    meta = prepare.main([*args, "--out", str(tmp_path / "out")])
+    assert meta["resumed"]["docs_already_encoded"] == 600 and whole["excluded"][str(mcq)]["by_ngram"] >= 1
+    assert meta["excluded"] == whole["excluded"] and meta["splits"] == whole["splits"]
+    for name in os.listdir(tmp_path / "whole"):
+        if name != "meta.json":
+            assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
 def descendants(pid):
     """The processes pid started, and theirs, from /proc: pid -> start time (so a reused pid is not taken for one)."""
     table = {}

@@ -10,8 +10,11 @@ A conversation is a list of {"role": "system" | "user" | "assistant", "content":
 with the four markers reserved in the tokenizer (tokenizer.CHAT_TOKENS), so no text ever produces them: a literal
 "<|user|>" in a message is encoded as plain text. Only assistant content and its <|end|> train (mask 1). To
 generate a reply, the prompt ends with <|assistant|> and decoding stops at <|end|>. CHAT_TEMPLATE is the same
-format in Jinja, for the Hugging Face and GGUF exports: on ordinary text apply_chat_template gives these ids
-(a literal marker in the text is the one difference: there it becomes the token).
+format in Jinja, for the Hugging Face and GGUF exports, which render a conversation to a string and then parse the
+markers out of it: so that a literal marker in a message stays text there too, the template escapes "<|" in every
+message (MARKER_ESCAPE). The Hugging Face export's tokenizer undoes the escape before BPE (export.py): its
+apply_chat_template gives these ids for any text. llama.cpp cannot undo it: there the escaped marker is text too,
+but spelled with the escape's bytes.
 
 A preference pair (DPO) is a prompt and two replies to it, chosen and rejected; each is scored as the prompt
 rendered up to <|assistant|>, then the reply and its <|end|>, on which alone the log-probability is summed.
@@ -23,7 +26,11 @@ import numpy as np
 import torch
 
 ROLES = ('system', 'user', 'assistant')
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+# U+FFFF, a Unicode noncharacter (reserved for a program's internal use): "<|" in a message is written "<\uffff|", so
+# no marker's text survives in it, and U+FFFF itself doubled, so that the escape can be undone exactly
+MARKER_ESCAPE = '\uffff'
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + (message['content'] | "
+                 "replace('\uffff', '\uffff\uffff') | replace('<|', '<\uffff|')) + '<|end|>' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 

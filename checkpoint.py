@@ -1,17 +1,21 @@
 """
 Loading models: training checkpoints (ckpt.pt), exports (model.safetensors + config.json), LoRA runs (adapters
 over a base model named by path and sha256) and the tokenizer that goes with each; and load_for_inference, the
-start-up sample.py, eval.py and export.py share. Every bad input is a one-line SystemExit naming it.
+start-up sample.py, eval.py and export.py share. Every bad input is a one-line SystemExit naming it. Writing the
+export folder they read, the one writer of train.py's export and export.py --format=safetensors, is here too.
 """
 import json
+import math
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import load_model as load_safetensors, save_model
 
+from card import write_card
 from files import sha256
 from hardware import check_device, resolve_dtype
 from lora import adapter_state_dict, add_lora, merge_lora
@@ -164,3 +168,29 @@ def load_for_inference(out_dir, device='cpu', dtype='float32', quantize='', toke
         raise SystemExit(f'error: the tokenizer in {tok_dir} has {tok.vocab_size} tokens, '
                          f'the model {model.config.vocab_size}')
     return model, tok, ctx
+
+
+def training_record(checkpoint):
+    """training_config.json of a training checkpoint: the settings (config), the steps, the data folder, the best
+    val loss and the loss history; run, what the model card tells of the run (its kind, the model it started from,
+    wall time, machines); lora, the adapters' settings. What the checkpoint lacks is None."""
+    best, lora = checkpoint.get('best_val_loss'), checkpoint.get('lora')
+    finite_best = best if best is not None and math.isfinite(best) else None  # inf: no evaluation saved yet
+    return {'config': checkpoint.get('config'), 'iter_num': checkpoint.get('iter_num'),
+            'data_dir': checkpoint.get('data_dir'), 'best_val_loss': finite_best, 'history': checkpoint.get('history'),
+            'run': checkpoint.get('run'), 'lora': lora and lora['adapters']}
+
+
+def write_export(folder, model, records, tokenizer_dir, name=None):
+    """Writes medslm's model folder, which sample.py, eval.py, export.py and merge.py read, into folder:
+    model.safetensors, config.json (the model's), the other records (card.read_records' form: meta.json,
+    training_config.json, merge.json, eval_*.json, each where given), the tokenizer file from tokenizer_dir, and
+    last README.md, the model card of the folder (name: the path it is known by, once a temporary folder is renamed)."""
+    save_model(model, os.path.join(folder, 'model.safetensors'))  # save_model, unlike save_file, handles tied weights
+    records = {**records, 'config.json': asdict(model.config)}
+    for file, record in records.items():
+        with open(os.path.join(folder, file), 'w') as f:
+            json.dump(record, f, indent=2)
+    if records['meta.json'].get('tokenizer_file'):
+        shutil.copy(os.path.join(tokenizer_dir, records['meta.json']['tokenizer_file']), folder)
+    write_card(folder, records, name=name)

@@ -11,12 +11,15 @@ learned positions, GELU) as GPT2LMHeadModel, plus the tokenizer. --format=safete
 train.py exports (model.safetensors, config.json, meta.json, tokenizer.json), which sample.py and eval.py read.
 --format=gguf writes one file for llama.cpp (and Ollama, LM Studio, which run it): the modern block as its
 `llama` architecture, the tokenizer with its GPT-2 pre-tokenizer declared, the special and chat tokens and the
-chat template; f32, bf16 or q8_0 (what llama.cpp's convert_hf_to_gguf.py offers). llama.cpp's own converter
-cannot take our --format=hf folder: it recognises pre-tokenizers by a hash of known vocabularies, and ours is new.
+chat template; f32, bf16, q8_0 (what llama.cpp's convert_hf_to_gguf.py offers), q5_0, q4_1, q4_0 (llama-quantize's
+choice of type per tensor, written by the gguf package's numpy code) or q4_k_m (llama.cpp's own quantizer, through
+the optional llama-cpp-python). llama.cpp's own converter cannot take our --format=hf folder: it recognises
+pre-tokenizers by a hash of known vocabularies, and ours is new.
 The files are written by hand (json + safetensors, gguf through llama.cpp's gguf package): transformers is not
-needed here.
+needed here. Every export gets a model card (card.py): README.md in the folder, <name>.README.md beside a GGUF file.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -24,20 +27,22 @@ import sys
 
 import gguf
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from configurator import configure
 from files import atomic_folder
-from checkpoint import find_tokenizer, load_checkpoint, load_for_inference
+from card import read_records, write_card
+from checkpoint import find_tokenizer, load_checkpoint, load_for_inference, training_record, write_export
 from hf_layout import HF_PROJECTIONS, hf_layout, hf_projections
-from chat import CHAT_TEMPLATE
+from chat import CHAT_TEMPLATE, MARKER_ESCAPE
 from tokenizer import CHAT_TOKENS, gpt2_encoding, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors) to export
 format = 'hf'           # 'hf' (transformers: Llama or GPT-2 layout) | 'safetensors' (medslm's own folder) | 'gguf'
-outtype = 'f32'         # gguf weights: 'f32' (lossless) | 'bf16' | 'q8_0' (int8 blocks of 32: what users run); norms stay f32
+outtype = 'f32'         # gguf weights: 'f32' (lossless) | 'bf16' | 'q8_0' (8 bits in blocks of 32) | 'q5_0' | 'q4_1'
+                        # | 'q4_0' | 'q4_k_m' (llama.cpp's quantizer: pip install llama-cpp-python); norms stay f32
 export_dir = ''         # where to write; '' means out_dir/<format> (gguf: out_dir/model-<outtype>.gguf). Replaced if it exists
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -139,6 +144,17 @@ def gpt2_tokenizer(path, chat):
         f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
 
 
+def chat_unescape(normalizer):
+    """tokenizer.json's normalizer undoing CHAT_TEMPLATE's escape, then running ours (None: ours has none): "<",
+    U+FFFF, "|" back to "<|", then two U+FFFF back to one. The chat markers are matched in the raw text, before any
+    normalizer: a literal marker in a message, escaped, is not one, and BPE then gets the message's own text.
+    Outside a chat, only text holding U+FFFF (a noncharacter) encodes differently from ours."""
+    replace = lambda a, b: {'type': 'Replace', 'pattern': {'String': a}, 'content': b}
+    e = MARKER_ESCAPE
+    return {'type': 'Sequence',
+            'normalizers': [replace(f'<{e}|', '<|'), replace(e + e, e)] + [normalizer] * bool(normalizer)}
+
+
 def gguf_tensors(model):
     """llama()'s tensors under llama.cpp's names. Its `llama` architecture rotates adjacent pairs (x[2i], x[2i+1]),
     ours and Hugging Face's the halves (x[i], x[i + hd/2]): the rows of q and k are reordered per head so that
@@ -192,7 +208,47 @@ def gguf_vocab(meta, tok_dir, vocab_size):
     return tokens, types, [f'{a} {b}' for a, b in merges]
 
 
+GGUF_OUTTYPES = ('f32', 'bf16', 'q8_0', 'q5_0', 'q4_1', 'q4_0', 'q4_k_m')  # gguf's numpy code writes all but q4_k_m
+BELOW_8_BITS = ('q5_0', 'q4_1', 'q4_0')
+
+
+def gguf_tensor_type(name, t, outtype, tied):
+    """The type a tensor is stored in, as llama.cpp's quantizer (llama-quantize) picks it for outtype: vectors (the
+    norms) f32; under a 4- or 5-bit outtype the output head (token_embd when tied) in q8_0, where llama.cpp takes
+    Q6_K (gguf's numpy code writes no k-quants; llama.cpp too takes Q8_0 where a row is not a multiple of 256), and
+    an untied token_embd in outtype, as there; every other matrix in outtype. The quantized types run in blocks of
+    32 along a row: a matrix whose rows are not a multiple of 32 long stays f32 (llama.cpp: f16)."""
+    Q = gguf.GGMLQuantizationType
+    if t.dim() == 1:
+        return Q.F32
+    qtype = getattr(Q, outtype.upper())
+    if outtype in BELOW_8_BITS and (name == 'output.weight' or (tied and name == 'token_embd.weight')):
+        qtype = Q.Q8_0
+    return Q.F32 if t.size(1) % gguf.GGML_QUANT_SIZES[qtype][0] else qtype
+
+
+def llama_cpp_quantize(src, dst):
+    """Writes dst, the f32 GGUF file src in q4_k_m, with llama.cpp's own quantizer (llama-cpp-python): Q4_K blocks
+    of 256, Q6_K for the head and half of the attn_v and ffn_down matrices; Q5_0 and Q8_0 in blocks of 32 for rows
+    not a multiple of 256."""
+    import ctypes
+    import llama_cpp
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)):
+        raise SystemExit(f'error: llama.cpp could not quantize {src} to q4_k_m (its log above says why)')
+
+
 def write_gguf(path, model, meta, tok_dir, outtype, name):
+    if outtype == 'q4_k_m':  # llama.cpp quantizes a file: the f32 one, written beside path, then removed
+        try:
+            write_gguf(path + '.f32', model, meta, tok_dir, 'f32', name)
+            llama_cpp_quantize(path + '.f32', path)
+        finally:
+            if os.path.exists(path + '.f32'):
+                os.remove(path + '.f32')
+        return
     cfg = model.config
     w = gguf.GGUFWriter(path, 'llama')
     w.add_name(name)
@@ -206,8 +262,7 @@ def write_gguf(path, model, meta, tok_dir, outtype, name):
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type({'f32': gguf.LlamaFileType.ALL_F32, 'bf16': gguf.LlamaFileType.MOSTLY_BF16,
-                     'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    w.add_file_type(getattr(gguf.LlamaFileType, 'ALL_F32' if outtype == 'f32' else f'MOSTLY_{outtype.upper()}'))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = gguf_vocab(meta, tok_dir, cfg.vocab_size)
     w.add_tokenizer_model('gpt2')  # byte-level BPE with merges
@@ -225,34 +280,14 @@ def write_gguf(path, model, meta, tok_dir, outtype, name):
         if meta.get(f'{key}_id') is not None:
             getattr(w, f'add_{key}_token_id')(meta[f'{key}_id'])
     w.add_chat_template(CHAT_TEMPLATE)
-    Q = gguf.GGMLQuantizationType
-    for tname, t in gguf_tensors(model).items():
-        qtype = {'f32': Q.F32, 'bf16': Q.BF16, 'q8_0': Q.Q8_0}[outtype] if t.dim() == 2 else Q.F32  # norms: f32
-        if qtype == Q.Q8_0 and t.size(1) % 32:  # q8_0 blocks run along rows, 32 at a time (the converter: f16)
-            qtype = Q.F32
+    tensors = gguf_tensors(model)
+    for tname, t in tensors.items():
+        qtype = gguf_tensor_type(tname, t, outtype, tied='output.weight' not in tensors)
         w.add_tensor(tname, gguf.quants.quantize(t.numpy(), qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def write_safetensors(folder, model, tok_dir, meta, source):
-    """The folder train.py exports (model.safetensors, config.json, meta.json, the tokenizer, the training config
-    of the source folder's run): sample.py and eval.py read it."""
-    save_model(model, os.path.join(folder, 'model.safetensors'))
-    with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump(dataclasses.asdict(model.config), f, indent=2)
-    for name in filter(None, ['meta.json', meta.get('tokenizer_file')]):
-        shutil.copy(os.path.join(tok_dir, name), folder)
-    ckpt_path = os.path.join(source, 'ckpt.pt')
-    if os.path.exists(os.path.join(source, 'training_config.json')):
-        shutil.copy(os.path.join(source, 'training_config.json'), folder)
-    elif os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, mmap=True)
-        training = {k: ckpt.get(k) for k in ('config', 'iter_num', 'data_dir')}  # as train.py's export
-        with open(os.path.join(folder, 'training_config.json'), 'w') as f:
-            json.dump(training, f, indent=2)
 
 
 def write_hf(folder, model, tok_dir, meta):
@@ -271,6 +306,8 @@ def write_hf(folder, model, tok_dir, meta):
     # in the text apply_chat_template renders
     for t in tokenizer['added_tokens']:
         t['special'] = t['special'] and t['content'] not in CHAT_TOKENS
+    if chat:  # undoes CHAT_TEMPLATE's escape of a literal marker in a message (chat.py), before BPE sees the text
+        tokenizer['normalizer'] = chat_unescape(tokenizer.get('normalizer'))
     with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
         json.dump(tokenizer, f, ensure_ascii=False)
     special = {t['id']: t['content'] for t in tokenizer['added_tokens']}
@@ -294,8 +331,11 @@ def write_hf(folder, model, tok_dir, meta):
 
 if format not in ('hf', 'safetensors', 'gguf'):
     sys.exit(f"error: --format must be 'hf', 'safetensors' or 'gguf', got {format!r}")
-if outtype not in ('f32', 'bf16', 'q8_0'):
-    sys.exit(f"error: --outtype must be 'f32', 'bf16' or 'q8_0', got {outtype!r}")
+if outtype not in GGUF_OUTTYPES:
+    sys.exit(f"error: --outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
+if outtype == 'q4_k_m' and importlib.util.find_spec('llama_cpp') is None:
+    sys.exit("error: --outtype=q4_k_m runs llama.cpp's own quantizer, which needs the llama-cpp-python package "
+             "(pip install llama-cpp-python; it compiles llama.cpp), or take --outtype=q4_0")
 # float32 on the CPU, never int8: an export holds the weights as trained. It copies or converts the tokenizer's
 # files, so it needs their folder rather than a loaded tokenizer
 model = load_for_inference(out_dir, 'cpu', 'float32', tokenizer=False)[0].float()
@@ -313,6 +353,11 @@ if format == 'gguf' and not modern:
              f'and mlp=swiglu, this model has {cfg.norm}, {cfg.pos_embedding}, {cfg.mlp}')
 
 dst = export_dir or os.path.join(out_dir, f'model-{outtype}.gguf' if format == 'gguf' else format)
+# what the model card is written from: the records of an export, or of a training out_dir's checkpoint
+records = {**read_records(out_dir), 'config.json': dataclasses.asdict(cfg), 'meta.json': meta}
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if 'training_config.json' not in records and os.path.exists(ckpt_path):
+    records['training_config.json'] = training_record(load_checkpoint(ckpt_path, mmap=True))
 if format == 'gguf':  # one file, written beside dst and renamed onto it in one step: dst is never half-written
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f'.{os.path.basename(dst)}.tmp-{os.getpid()}')
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
@@ -323,12 +368,14 @@ if format == 'gguf':  # one file, written beside dst and renamed onto it in one 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    write_card(dst, records, 'gguf', source=out_dir, outtype=outtype)
 else:  # a folder, written whole or not at all (files.atomic_folder)
     with atomic_folder(dst) as tmp:
-        if format == 'safetensors':
-            write_safetensors(tmp, model, tok_dir, meta, out_dir)
+        if format == 'safetensors':  # the folder train.py exports, which sample.py and eval.py read
+            write_export(tmp, model, records, tok_dir, name=dst)
         else:
             write_hf(tmp, model, tok_dir, meta)
+            write_card(tmp, records, 'hf', name=dst, source=out_dir)
 layout = {'safetensors': 'medslm', 'hf': 'LlamaForCausalLM' if modern else 'GPT2LMHeadModel',
           'gguf': f'llama.cpp llama, {outtype}'}[format]
 print(f'wrote {dst} ({layout}, {model.get_num_params():,} parameters, tokenizer {meta["tokenizer"]})')

@@ -57,6 +57,18 @@ def replace_folder(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text(path, text):
+    """Writes a file whole (temp + rename): a kill leaves the old file or the new one."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextmanager
 def atomic_folder(final):
     """Yields an empty temporary folder beside final; when the block ends without an error, the folder replaces

@@ -2,6 +2,7 @@
 What the machine can do: the device a run asked for (and whether it is there), the dtype 'auto' stands for, and
 the peak FLOP/s that model FLOPs utilisation (MFU) divides by.
 """
+import os
 import time
 
 import torch
@@ -23,6 +24,21 @@ def peak_flops(device_name):
         if name in device_name:
             return tflops * 1e12
     return None
+
+
+def device_name(device):
+    """The device, in words, as a run's record names its machine: the GPU's name, or the CPU's model and threads."""
+    kind = device.split(':')[0]
+    if kind == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if kind != 'cpu':
+        return kind
+    cpu = 'CPU'
+    if os.path.exists('/proc/cpuinfo'):  # Linux; elsewhere the threads alone
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def flops_per_token(model):

@@ -8,8 +8,8 @@ Merges exported medslm models of one architecture into a new export folder, tens
 linear and slerp merge the weights; task_arithmetic and ties merge task vectors (a model less the base it was
 fine-tuned from) and add the result to the base. The output is an ordinary export (model.safetensors, config.json,
 meta.json, the tokenizer and with it the chat tokens) that sample.py, eval.py and export.py read, plus merge.json:
-the inputs with the sha256 of their weights, the method and its parameters. Inputs that differ in config, tensor
-names and shapes or tokenizer are a one-line error before any tensor is read.
+the inputs with the sha256 of their weights, the method and its parameters, and README.md, its model card. Inputs
+that differ in config, tensor names and shapes or tokenizer are a one-line error before any tensor is read.
 """
 import json
 import math
@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from card import read_records, write_card
 from configurator import configure
 from files import atomic_folder, sha256
 
@@ -166,4 +167,5 @@ with atomic_folder(out) as tmp:  # written whole or not at all: out is never hal
         shutil.copy(os.path.join(inputs[0], name), tmp)
     with open(os.path.join(tmp, 'merge.json'), 'w') as f:
         json.dump(record, f, indent=2)
+    write_card(tmp, read_records(tmp), name=out)  # README.md: the model card, its lineage from merge.json
 print(f'wrote {out}: {method} of {len(paths)} model' + 's' * (len(paths) > 1) + (f' over {base}' if base else ''))

@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,15 +35,17 @@ matplotlib.use('Agg')  # no display on training machines
 import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from card import write_card
 from chat import DPO_STATS, dpo_loss, is_pairs, require_chat
-from checkpoint import grow_vocab, load_base, load_checkpoint, load_lora, load_model, tokenizer_folder, weights_file
+from checkpoint import (grow_vocab, load_base, load_checkpoint, load_lora, load_model, tokenizer_folder,
+                        training_record, weights_file, write_export)
 from configurator import configure
 from data import chat_split, get_batch, mix_split, parse_mix, shard_split
 from files import atomic_folder, sha256
-from hardware import check_device, estimate_mfu, peak_flops as device_peak_flops, resolve_dtype, split_batch
+from hardware import (check_device, device_name, estimate_mfu, peak_flops as device_peak_flops, resolve_dtype,
+                      split_batch)
 from lora import adapter_state_dict, adapters_off, add_lora, merge_lora, save_peft
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -116,43 +117,40 @@ config = {k: globals()[k] for k in config_keys}  # what the user asked for, save
 def export(checkpoint):
     # written whole or not at all (files.atomic_folder): a reader never sees a half-written export
     final = os.path.join(out_dir, 'export')
+    records = {'meta.json': checkpoint['meta'], 'training_config.json': training_record(checkpoint)}
     with atomic_folder(final) as tmp:
         if checkpoint.get('lora'):  # merged into the weights, an ordinary export; the adapters alone for peft
             model = load_lora(checkpoint)
             why_not = save_peft(model, checkpoint['lora'], os.path.join(tmp, 'adapter'))
             if why_not:
                 print(f'no peft adapter in the export: {why_not}')
+            else:
+                write_card(os.path.join(tmp, 'adapter'), {**records, 'config.json': checkpoint['model_args']},
+                           'adapter', name=os.path.join(final, 'adapter'), source=final)
             model = merge_lora(model)
         else:
             model = GPT(GPTConfig(**checkpoint['model_args']))
             model.load_state_dict(checkpoint['model'])
-        save_model(model, os.path.join(tmp, 'model.safetensors'))  # save_model, unlike save_file, handles tied weights
         torch.save(checkpoint['optimizer'], os.path.join(tmp, 'optimizer.pt'))
-        best = checkpoint['best_val_loss']
-        training = {'config': checkpoint['config'], 'iter_num': checkpoint['iter_num'],
-                    'data_dir': checkpoint['data_dir'], 'best_val_loss': best if math.isfinite(best) else None,
-                    'history': checkpoint['history']}
-        for name, obj in (('config.json', checkpoint['model_args']), ('training_config.json', training),
-                          ('meta.json', checkpoint['meta'])):
-            with open(os.path.join(tmp, name), 'w') as f:
-                json.dump(obj, f, indent=2)
-        if checkpoint['meta'].get('tokenizer_file'):
-            tokenizer_dir = checkpoint.get('tokenizer_dir', checkpoint['data_dir'])
-            shutil.copy(os.path.join(tokenizer_dir, checkpoint['meta']['tokenizer_file']), tmp)
-        history, evals = checkpoint['history'], checkpoint['history']['eval']
-        steps = [e['iter'] for e in evals]
-        fig, ax = plt.subplots(figsize=(9, 5))
-        ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
-        ax.plot(steps, [e['train_loss'] for e in evals], 'o-', color='tab:blue', label='train (eval)')
-        ax.plot(steps, [e['val_loss'] for e in evals], 's-', color='tab:orange', label='val (eval)')
-        ax.set(xlabel='iteration (optimizer steps)',
-               ylabel='DPO loss (nats per pair)' if checkpoint.get('dpo') else 'cross-entropy loss (nats per token)',
-               title=f"{os.path.basename(os.path.abspath(out_dir))} ({checkpoint['iter_num']} iterations)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.savefig(os.path.join(tmp, 'loss_curves.png'), dpi=120, bbox_inches='tight')
-        plt.close(fig)
+        plot_losses(checkpoint, os.path.join(tmp, 'loss_curves.png'))
+        write_export(tmp, model, records, checkpoint.get('tokenizer_dir', checkpoint['data_dir']), name=final)
     print(f'exported {final}')
+
+
+def plot_losses(checkpoint, path):
+    history, evals = checkpoint['history'], checkpoint['history']['eval']
+    steps = [e['iter'] for e in evals]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(history['train_loss'], color='tab:blue', lw=0.8, alpha=0.4, label='train (each step)')
+    ax.plot(steps, [e['train_loss'] for e in evals], 'o-', color='tab:blue', label='train (eval)')
+    ax.plot(steps, [e['val_loss'] for e in evals], 's-', color='tab:orange', label='val (eval)')
+    ax.set(xlabel='iteration (optimizer steps)',
+           ylabel='DPO loss (nats per pair)' if checkpoint.get('dpo') else 'cross-entropy loss (nats per token)',
+           title=f"{os.path.basename(os.path.abspath(out_dir))} ({checkpoint['iter_num']} iterations)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
 
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -267,6 +265,10 @@ train_gens = [torch.Generator().manual_seed(seed + s) for s in
 # to rebuild the run from; a base is named by path and sha256, and refused later if it changed.
 iter_num, best_val_loss, history = 0, float('inf'), {'train_loss': [], 'eval': []}
 lora, dpo = None, None
+# what the model card tells of the run (card.py): its kind, the model it started from, the wall time of all its
+# sessions and the machines they ran on
+run = {'kind': 'dpo' if dpo_data else 'sft' if chat_data else 'pretraining', 'base': None, 'seconds': 0.0,
+       'machines': []}
 if init_from == 'scratch':
     model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
     model_args['vocab_size'] = vocab_size if vocab_size is not None else meta['vocab_size']
@@ -280,6 +282,7 @@ elif init_from == 'resume':
         model = GPT(GPTConfig(**checkpoint['model_args']))  # the checkpoint's shapes win over the config's
         model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss, history = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['history']
+    run = checkpoint.get('run') or {**run, 'seconds': None}  # written before runs were recorded: time unknown
 else:
     model = load_model(init_from)
     chat_ids = require_chat(tok) if chat_data else {}
@@ -289,13 +292,15 @@ else:
             raise SystemExit('error: the base has no rows for the chat tokens, so they are added: with LoRA they '
                              'must train, --lora_train_embeddings=True')
         model = grow_vocab(model, max(chat_ids.values()) + 1)
-    if adapters or dpo_data:
-        base = {'base': os.path.abspath(init_from), 'base_sha256': sha256(weights_file(init_from))}
+    run['base'] = base = {'base': os.path.abspath(init_from), 'base_sha256': sha256(weights_file(init_from))}
     if adapters:
         lora = {**base, 'adapters': adapters}
         add_lora(model, **adapters)
     if dpo_data:
         dpo = {'reference': None if lora else base}
+machine = {'device': device_name(device), 'processes': ddp_world_size, 'dtype': dtype}
+if machine not in run['machines']:
+    run['machines'].append(machine)
 if lora and master_process:
     print(f"LoRA on {lora['base']}: {sum(p.numel() for p in adapter_state_dict(model).values()):,} parameters train")
 
@@ -486,6 +491,7 @@ def save_checkpoint():
                   'scaler': scaler.state_dict(), 'model_args': model_args, 'config': config, 'iter_num': iter_num,
                   'best_val_loss': best_val_loss, 'history': history, 'data_dir': data_dir, 'meta': meta,
                   'tokenizer_dir': tokenizer_dir, 'dpo': dpo,
+                  'run': {**run, 'seconds': None if run['seconds'] is None else run['seconds'] + time.time() - t0},
                   'rng': {'data': [s for r in ranks for s in r['data']], 'torch': [r['torch'] for r in ranks],
                           'cuda': [r['cuda'] for r in ranks]}}
     tmp = ckpt_path + '.tmp'  # a crash while writing leaves the previous checkpoint whole

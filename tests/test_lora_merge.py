@@ -183,7 +183,8 @@ def test_lora_run_checkpoints_only_the_adapters_and_names_its_base(lora_run, bas
 def test_lora_export_is_the_merged_model_and_leaves_the_base_as_it_was(lora_run, base):
     export = os.path.join(lora_run, 'export')
     assert {'model.safetensors', 'config.json', 'meta.json', 'tokenizer.json', 'adapter'} <= set(os.listdir(export))
-    assert sorted(os.listdir(os.path.join(export, 'adapter'))) == ['adapter_config.json', 'adapter_model.safetensors']
+    assert sorted(os.listdir(os.path.join(export, 'adapter'))) == ['README.md', 'adapter_config.json',
+                                                                   'adapter_model.safetensors']
     adapted, merged, base_model = load_lora(load_ckpt(lora_run)), load_model(export), load_model(base)
     for name, tensor in merged.state_dict().items():  # untouched, bit for bit, except the adapted weights
         adapted_weight = any(name.endswith(f'{m}.weight') for m in ('wqkv', 'wo', 'w1', 'w2'))
@@ -377,7 +378,8 @@ def test_ties_trims_elects_the_sign_and_averages_the_agreeing_entries(data_dir, 
 def test_merged_folder_is_an_export_with_a_record_of_its_inputs(exports, tmp_path):
     a, b = exports[:2]
     out = merge(tmp_path, f'--models={a},{b}', '--method=slerp')
-    assert sorted(os.listdir(out)) == ['config.json', 'merge.json', 'meta.json', 'model.safetensors', 'tokenizer.json']
+    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'merge.json', 'meta.json', 'model.safetensors',
+                                       'tokenizer.json']
     with open(os.path.join(out, 'merge.json')) as f:
         record = json.load(f)
     assert record['method'] == 'slerp' and record['t'] == 0.5

@@ -7,8 +7,11 @@ import dataclasses
 import json
 import math
 import os
+import pty
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -110,7 +113,7 @@ def test_safetensors_export_loads_back_and_is_replaced_atomically(tmp_path, data
     assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'safetensors']
     folder = os.path.join(out_dir, 'safetensors')
     assert set(os.listdir(folder)) == {'model.safetensors', 'config.json', 'meta.json', 'tokenizer.json',
-                                       'training_config.json'}
+                                       'training_config.json', 'README.md'}
     idx = torch.randint(0, model.config.vocab_size, (1, 64))
     with torch.no_grad():
         assert_close(model.output(model.hidden(idx)), load_model(folder).output(load_model(folder).hidden(idx)), 0,
@@ -304,3 +307,31 @@ def test_sample_command_line_streams_text_and_reports_speed(tmp_path, data_dir):
     bad = subprocess.run([sys.executable, 'sample.py', '--out_dir=/no/such/folder'], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count('\n') == 1 and bad.stderr.startswith('error: ')
+
+
+def test_chat_at_a_terminal_says_how_to_leave_and_times_generation_only(tmp_path, data_dir):
+    out_dir = write_export(tmp_path / 'export', random_model(data_dir), data_dir)
+    terminal, stdin = pty.openpty()  # sample.py's stdin is a terminal: it prompts, and Ctrl-D ends the input
+    proc = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--chat', '--max_new_tokens=8'],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    os.close(stdin)
+
+    def wait_for_prompt():
+        seen = b''
+        while not seen.endswith(b'> '):
+            byte = os.read(proc.stdout.fileno(), 1)
+            assert byte, f'sample.py ended early: {proc.communicate()}'
+            seen += byte
+
+    wait_for_prompt()
+    os.write(terminal, b'Dose?\n')
+    wait_for_prompt()  # the reply is written: sample.py waits for the user again
+    time.sleep(2)      # who takes 2 s to think
+    os.write(terminal, b'\x04')
+    _, err = proc.communicate(timeout=120)
+    os.close(terminal)
+    err = err.decode()
+    print(err)
+    assert proc.returncode == 0 and '(type a message and Enter; Ctrl-D leaves)' in err
+    assert float(re.search(r'tokens in ([0-9.]+)s of generation', err).group(1)) < 2

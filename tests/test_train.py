@@ -110,8 +110,8 @@ def test_checkpoint_holds_the_shared_interface_and_loads_weights_only(trained):
 
 def test_export_folder_is_self_contained_and_round_trips_the_logits(trained, data_dir):
     export = os.path.join(trained, 'export')
-    assert sorted(os.listdir(export)) == ['config.json', 'loss_curves.png', 'meta.json', 'model.safetensors',
-                                          'optimizer.pt', 'tokenizer.json', 'training_config.json']
+    assert sorted(os.listdir(export)) == ['README.md', 'config.json', 'loss_curves.png', 'meta.json',
+                                          'model.safetensors', 'optimizer.pt', 'tokenizer.json', 'training_config.json']
     ckpt = load_ckpt(trained)
     with open(os.path.join(export, 'config.json')) as f:
         assert json.load(f) == ckpt['model_args']

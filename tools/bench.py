@@ -7,9 +7,10 @@ and data preparation, each with its peak memory. Prints one table and writes it 
     python tools/bench.py --config_file=config/tiny_cpu.py --batch_size=16 --n_layer=2
     python tools/bench.py --train=False --generate=False --data=False   # decoding only: ours against llama.cpp
 
-Decoding (batch 1, greedy) runs our float32, int8 and compiled float32 models and, when llama-cpp-python is
-installed, llama.cpp on GGUFs export.py writes from the same weights (f32 and q8_0), at 1 and 2 threads: tokens/s,
-the ratio to llama.cpp at the same precision, the bytes of weights a token reads and the GB/s that makes.
+Decoding (batch 1, greedy) runs our float32 and int8 models, eager and with the decode step compiled as sample.py
+--compile does, and, when llama-cpp-python is installed, llama.cpp on GGUFs export.py writes from the same weights
+(f32, q8_0, q4_0, q4_k_m), at 1 and 2 threads: tokens/s, the ratio to llama.cpp at the same precision, the bytes of
+weights a token reads and the GB/s that makes.
 
 Both sides get the same shape, weights and batch: ours is copied into LlamaForCausalLM (attn_implementation
 'sdpa'), and the two losses are checked equal first. Timings are medians over repetitions after warm-up, with
@@ -59,7 +60,7 @@ bf16_reps = 3           # ... timed this many times: on CPUs without bf16 units 
 train = True            # the sections to run
 generate = True
 data = True
-decode = True           # batch-1 decoding: ours (float32, int8, compiled) against llama.cpp (f32, q8_0 GGUF)
+decode = True           # batch-1 decoding: ours (float32, int8, compiled) against llama.cpp (f32, q8_0, q4_0, q4_k_m)
 decode_threads = (1, 2) # ... at each of these thread counts
 prompt_len = 32         # generation: greedy, batch 1
 new_tokens = 128
@@ -115,6 +116,15 @@ def llama(model):
     hf.load_state_dict(sd)
     assert sum(p.numel() for p in hf.parameters()) == model.get_num_params(), 'the head is not tied alike'
     return hf.to(device)
+
+
+def compile_decode(m):
+    """m with its decode step compiled as sample.py --compile does: a step (one token, its position a tensor) runs one
+    compiled graph, the prompt's pass stays eager. stream() calls m(...), so replacing forward is enough."""
+    whole, step = m.forward, torch.compile(m.forward)
+    m.forward = lambda idx, targets=None, pos=0, logprobs=False: \
+        (step if torch.is_tensor(pos) else whole)(idx, targets, pos, logprobs)
+    return m
 
 
 def sync():
@@ -190,6 +200,15 @@ def gguf_files(model, outtypes):
     return {outtype: os.path.join(tmp, f'model-{outtype}.gguf') for outtype in outtypes}
 
 
+def gguf_matrix_bytes(path):
+    """Bytes of a GGUF file's matrices that a decoded token reads: all but an untied token embedding (a lookup)."""
+    import gguf
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+    if 'output.weight' in tensors:
+        del tensors['token_embd.weight']
+    return sum(int(t.n_bytes) for t in tensors.values())
+
+
 def llama_cpp_generate(llm, prompt_ids, new_tokens, vocab_size):
     # llama.cpp's own decode loop, greedy on its logits: one llama_decode call per token
     import llama_cpp
@@ -248,8 +267,7 @@ if generate:
     ours, hf = copy.deepcopy(model).eval(), llama(model).eval()
     fns = {'eager': lambda: ours.generate(prompt, new_tokens, temperature=0)}
     if compile:
-        compiled = copy.deepcopy(model).eval()
-        compiled.forward = torch.compile(compiled.forward, dynamic=True)  # as sample.py: stream() calls forward
+        compiled = compile_decode(copy.deepcopy(model).eval())
         fns['compiled'] = lambda: compiled.generate(prompt, new_tokens, temperature=0)
     fns['theirs'] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                         max_new_tokens=new_tokens)
@@ -287,18 +305,19 @@ if decode:
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
     eager = copy.deepcopy(model).eval()
     int8 = quantize_int8(copy.deepcopy(model).eval())
-    compiled = copy.deepcopy(model).eval()
-    compiled.forward = torch.compile(compiled.forward)  # decode steps have one shape (static cache): one graph
     matrices = [m.weight for m in eager.modules() if isinstance(m, torch.nn.Linear)]  # the head once, if tied
     weight_bytes = {'float32': 4 * sum(w.numel() for w in matrices),
                     'int8': sum(m.weight.numel() + 4 * m.scale.numel() for m in int8.modules()
-                                if isinstance(m, Int8Linear)),
-                    'f32': 4 * sum(w.numel() for w in matrices), 'q8_0': 34 * sum(w.numel() for w in matrices) // 32}
+                                if isinstance(m, Int8Linear))}
     fns = {'medslm float32': lambda: eager.generate(prompt, new_tokens, temperature=0),
            'medslm int8': lambda: int8.generate(prompt, new_tokens, temperature=0)}
     if compile:
+        compiled = compile_decode(copy.deepcopy(model).eval())
+        compiled_int8 = compile_decode(quantize_int8(copy.deepcopy(model).eval()))
         fns['medslm compiled float32'] = lambda: compiled.generate(prompt, new_tokens, temperature=0)
-    llms = gguf_files(model, ('f32', 'q8_0')) if llama_cpp is not None else {}
+        fns['medslm compiled int8'] = lambda: compiled_int8.generate(prompt, new_tokens, temperature=0)
+    llms = gguf_files(model, ('f32', 'q8_0', 'q4_0', 'q4_k_m')) if llama_cpp is not None else {}
+    weight_bytes.update({outtype: gguf_matrix_bytes(path) for outtype, path in llms.items()})
 
     big = torch.ones(2**26)  # 256 MB, well past the caches: a read of it measures memory bandwidth
     for n_threads in decode_threads:
@@ -316,7 +335,7 @@ if decode:
             bandwidth = 4 * big.numel() / min(interleaved({i: big.sum for i in range(3)}, 1).values())
         # each of ours against llama.cpp at the same precision
         same = {'medslm float32': 'llama.cpp f32', 'medslm compiled float32': 'llama.cpp f32',
-                'medslm int8': 'llama.cpp q8_0'}
+                'medslm int8': 'llama.cpp q8_0', 'medslm compiled int8': 'llama.cpp q8_0'}
         for k in runs:
             kind, rate = k.split()[-1], new_tokens / dt[k]
             decode_rows.append(dict(runtime=k, threads=n_threads, tokens_per_s=rate,

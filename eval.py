@@ -3,6 +3,7 @@ Held-out evaluation of a medslm model (a training out_dir or an exported folder)
 
     python eval.py --out_dir=out-tiny                        # test split: loss, perplexity, bits per byte
     python eval.py --out_dir=out-tiny --mcq=pubmedqa.jsonl   # multiple-choice accuracy
+    python eval.py --out_dir=out-tiny --mcq=ori_pqal.json    # PubMedQA's file as published
     python eval.py --out_dir=out-sft-tiny --tasks=data/tasks/test.jsonl   # instruction tasks (tasks.py)
 
 The split is scored exactly: every token once, the first one given an EOS (every document follows one).
@@ -12,18 +13,26 @@ context. Bits per UTF-8 byte is the number that compares models across tokenizer
 GPT-2 small scores 0.95, GPT-2 XL 0.78).
 
 Multiple-choice questions are JSON lines {"question", "options": [...] or {"A": ..., ...}, "answer": index,
-letter or option text, "context": optional}: MedQA's files as published, PubMedQA (options yes/no/maybe) and
-MedMCQA (opa..opd, cop) converted to that shape. The prediction is the option whose
+letter or option text, "context": optional}: MedQA's files as published, MedMCQA (opa..opd, cop) converted to
+that shape; PubMedQA's published JSON (keyed by PMID: QUESTION, CONTEXTS, final_decision) is read as it is, as
+options yes/no/maybe (contamination.read_items). The prediction is the option whose
 tokens are most likely after "<context>\nQuestion: <question>\nAnswer:"; also with the log-likelihood divided
 by the option's length in characters (lm-evaluation-harness's acc_norm), which favours long options less.
 
 Instruction tasks are chat JSON lines (tasks.py writes them from held-out documents), rendered with the chat
 template (chat.py). An item with "options" and "answer" is multiple choice: each option scored as the assistant's
 reply (its tokens and <|end|>): accuracy of the likeliest option, and accuracy_norm with the log-likelihood per
-character (which favours long options less), beside chance and the majority-class rate. Any other item is generated greedily
-and scored against the reference by its "metric": "rougeL" (ROUGE-L F1 over lower-cased words), "set_f1" (F1
-of the "; "-separated terms) or "exact"; beside it, "chance": the score of another item's reference. Every
-score comes with its number of items and a 95% interval (Wilson for accuracies, normal for mean scores).
+character (which favours long options less), beside chance and the majority-class rate, and where every item has
+the same options (publication type, sentence section) balanced accuracy, the mean recall per class, which always
+answering the commonest class cannot raise. Any other item is generated greedily and scored against the reference
+by its "metric": "rougeL" (ROUGE-L F1 over lower-cased words), "set_f1" (F1 of the "; "-separated terms) or
+"exact"; beside it, "chance": the score of another item's reference. Every score comes with its number of items and
+a 95% interval (Wilson for accuracies, normal for mean scores and balanced accuracy).
+
+Contamination: questions and tasks are checked against the train split the model read (prepare.py's manifest and
+shards of its data folder, or of the one the model it was fine-tuned from read). An item is contaminated if it
+names a document of that split (doc_id, pmid) or shares a 13-word n-gram with one (contamination.py); each score
+is given again on the clean items, so an inflated number shows.
 """
 import json
 import math
@@ -35,10 +44,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from card import refresh_card
 from configurator import configure
 from chat import read_conversations, render, require_chat
 from checkpoint import load_checkpoint, load_for_inference
+from files import write_text
+from contamination import NGRAM, has_manifest, item_ids, item_ngrams, lookup, manifest_rows, ngram_hashes, read_items
 from metrics import METRICS
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-tiny'    # training out_dir (ckpt.pt) or exported folder (model.safetensors)
@@ -51,6 +64,8 @@ tasks = ''              # chat JSON lines of instruction tasks (tasks.py's test.
 max_items = 0           # tasks: at most this many items per generation task (the first ones: decoding is the slow part); 0: all
 max_new_tokens = 64     # tasks: the longest generated answer
 out_file = ''           # results as JSON; '' means out_dir/eval_<split>.json or out_dir/eval_<mcq name>.json
+train_data = ''         # mcq, tasks: the data folder whose train split items are checked against; '' means the one the
+                        # model (or the model it was fine-tuned from) was trained on; 'none': no check
 device = 'cpu'          # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'          # 'float32' | 'bfloat16' | 'float16' (autocast) | 'auto': float32 on CPU, bf16 (or fp16) on a GPU
 compile = False         # torch.compile the scoring
@@ -66,14 +81,21 @@ model, tok, ctx = load_for_inference(out_dir, device, dtype, quantize, tokenizer
 block_size = model.config.block_size
 
 
-def trained_on():
-    # the data folder named by the checkpoint, or by the training_config.json an export carries
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+def training_config(path):
+    # the training settings and data folder of the model at path: its checkpoint's, or its export's copy of them
+    ckpt_path = os.path.join(path, 'ckpt.pt')
     if os.path.exists(ckpt_path):
-        return load_checkpoint(ckpt_path, mmap=True)['data_dir']
-    if os.path.exists(os.path.join(out_dir, 'training_config.json')):
-        with open(os.path.join(out_dir, 'training_config.json')) as f:
-            return json.load(f).get('data_dir')
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        return dict(checkpoint.get('config') or {}, data_dir=checkpoint['data_dir'])
+    if os.path.exists(os.path.join(path, 'training_config.json')):
+        with open(os.path.join(path, 'training_config.json')) as f:
+            training = json.load(f)
+        return dict(training.get('config') or {}, data_dir=training.get('data_dir'))
+    return {}
+
+
+def trained_on():
+    return training_config(out_dir).get('data_dir')
 
 
 def nll(x, y):
@@ -90,15 +112,12 @@ if compile:
     nll = torch.compile(nll, dynamic=True)
 
 
-def read_mcq(path):
-    """(prompt, option texts, answer index) for each question of a JSON lines file."""
+def read_mcq(items):
+    """(prompt, option texts, answer index) for each question of [(where, item)] (contamination.read_items)."""
     questions = []
-    for n, line in enumerate(open(path, encoding='utf-8'), 1):
-        if not line.strip():
-            continue
-        q = json.loads(line)
+    for where, q in items:
         if not ({'question', 'options', 'answer'} <= q.keys() and len(q['options']) >= 2):
-            sys.exit(f'error: {path}:{n}: a question needs the keys question, options (two or more) and answer')
+            sys.exit(f'error: {where}: a question needs the keys question, options (two or more) and answer')
         options, answer = q['options'], q['answer']
         keys = list(options) if isinstance(options, dict) else [chr(ord('A') + i) for i in range(len(options))]
         texts = list(options.values()) if isinstance(options, dict) else list(options)
@@ -109,7 +128,7 @@ def read_mcq(path):
         elif answer in texts:
             index = texts.index(answer)
         else:
-            sys.exit(f'error: {path}:{n}: answer {answer!r} is neither an option index, letter nor text')
+            sys.exit(f'error: {where}: answer {answer!r} is neither an option index, letter nor text')
         context = q.get('context') or ''
         context = '\n'.join(context) if isinstance(context, list) else context
         questions.append(((context + '\n' if context else '') + f"Question: {q['question']}\nAnswer:", texts, index))
@@ -140,6 +159,17 @@ def interval(scores, binary):
     return max(0.0, mean - half), min(1.0, mean + half)  # every metric here lies in [0, 1]
 
 
+def balanced_accuracy(answers, preds):
+    """The mean of the recalls of the classes present, and its 95% interval: normal, from each class's binomial
+    variance taken Agresti-Coull's way (two hits and two misses added) so that a recall of 0 or 1 is not certainty.
+    A model that always answers the commonest class scores 1 / classes, however skewed they are."""
+    hits = {a: (sum(p == a for x, p in zip(answers, preds) if x == a), answers.count(a)) for a in set(answers)}
+    mean = float(np.mean([k / n for k, n in hits.values()]))
+    variance = sum((k + 2) * (n - k + 2) / (n + 4) ** 3 for k, n in hits.values()) / len(hits) ** 2
+    half = 1.96 * math.sqrt(variance)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
 def generate_answer(prompt):
     """The model's greedy reply (text) to a rendered prompt, stopped at <|end|> or max_new_tokens."""
     n_new = min(max_new_tokens, max(block_size - len(prompt), block_size // 4))
@@ -152,21 +182,21 @@ def generate_answer(prompt):
     return tok.decode(new)
 
 
-def score_tasks(path):
-    """Per-task results of the items in path (see the docstring at the top), and every item's record."""
-    records, _ = read_conversations(path)
+def score_tasks(records, flags):
+    """Per-task results of the items (see the docstring at the top), and every item's record. flags: each item's
+    contamination (contamination_check), None if not checked."""
     by_task = {}
-    for r in records:
+    for r, flag in zip(records, flags or [None] * len(records)):
         items = by_task.setdefault(r.get('task', 'chat'), [])
         if not max_items or len(items) < max_items or 'options' in r:
-            items.append(r)
+            items.append(dict(r, contaminated=flag))
     summary, results = {}, []
     for task, items in by_task.items():
-        scores, scores_norm, answers = [], [], []
+        scores, scores_norm, answers, preds = [], [], [], []
         multiple_choice = all('options' in r and 'answer' in r for r in items)
         metric = METRICS.get(items[0].get('metric', 'rougeL'))
         if metric is None:
-            sys.exit(f"error: {path}: task {task} has metric {items[0]['metric']!r}; expected one of {', '.join(METRICS)}")
+            sys.exit(f"error: {tasks}: task {task} has metric {items[0]['metric']!r}; expected one of {', '.join(METRICS)}")
         for r in tqdm(items, desc=task, disable=None):
             prompt, _ = render(r['messages'][:-1], tok, add_generation_prompt=True)
             if multiple_choice:
@@ -177,13 +207,15 @@ def score_tasks(path):
                 scores.append(float(pred == r['answer']))
                 scores_norm.append(float(pred_norm == r['answer']))
                 answers.append(r['options'][r['answer']])
+                preds.append(r['options'][pred])
                 results.append(dict(task=task, doc_id=r.get('doc_id'), answer=r['answer'], pred=pred,
-                                    pred_norm=pred_norm, scores=logprobs))
+                                    pred_norm=pred_norm, scores=logprobs, contaminated=r['contaminated']))
             else:
                 reference, prediction = r['messages'][-1]['content'], generate_answer(prompt)
                 scores.append(metric(prediction, reference))
                 answers.append(reference)
-                results.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction, score=scores[-1]))
+                results.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction, score=scores[-1],
+                                    contaminated=r['contaminated']))
         low, high = interval(scores, multiple_choice)
         if multiple_choice:  # chance: a uniform guess; majority: always the commonest answer
             chance = float(np.mean([1 / len(r['options']) for r in items]))
@@ -196,22 +228,98 @@ def score_tasks(path):
         if multiple_choice:
             summary[task].update(zip(('score_norm', 'low_norm', 'high_norm'),
                                      (float(np.mean(scores_norm)), *interval(scores_norm, True))))
+            if len({frozenset(r['options']) for r in items}) == 1:  # fixed classes: skew shows in balanced accuracy
+                summary[task].update(zip(('balanced', 'low_balanced', 'high_balanced'), balanced_accuracy(answers, preds)))
+        if flags:
+            clean = [x for x, r in zip(scores, items) if not r['contaminated']]
+            summary[task].update(contaminated=len(items) - len(clean),
+                                 score_clean=float(np.mean(clean)) if clean else None)
     return summary, results
 
 
-def score_mcq(path):
-    """(summary, results) of the multiple-choice questions in path."""
-    questions, results = read_mcq(path), []
-    for prompt, options, answer in tqdm(questions, desc='questions', disable=None):
+def score_mcq(questions, flags):
+    """(summary, results) of the multiple-choice questions (read_mcq); flags: as score_tasks'."""
+    results = []
+    for (prompt, options, answer), flag in tqdm(list(zip(questions, flags or [None] * len(questions))),
+                                                desc='questions', disable=None):
         scores = option_logprobs([tok.eos_id] + tok.encode(prompt), [tok.encode(' ' + o) for o in options])
         scores_norm = [s / (len(o) + 1) for s, o in zip(scores, options)]  # per character of ' ' + option
         results.append(dict(answer=answer, pred=int(np.argmax(scores)), pred_norm=int(np.argmax(scores_norm)),
-                            scores=scores, scores_norm=scores_norm))
-    summary = dict(questions=len(results),
-                   accuracy=float(np.mean([r['pred'] == r['answer'] for r in results])),
-                   accuracy_norm=float(np.mean([r['pred_norm'] == r['answer'] for r in results])),
+                            scores=scores, scores_norm=scores_norm, contaminated=flag))
+    accuracy = lambda rs, key: float(np.mean([r[key] == r['answer'] for r in rs])) if rs else None
+    summary = dict(questions=len(results), accuracy=accuracy(results, 'pred'),
+                   accuracy_norm=accuracy(results, 'pred_norm'),
                    chance=float(np.mean([1 / len(q[1]) for q in questions])))
+    if flags:
+        clean = [r for r in results if not r['contaminated']]
+        summary.update(contaminated=len(results) - len(clean), accuracy_clean=accuracy(clean, 'pred'),
+                       accuracy_norm_clean=accuracy(clean, 'pred_norm'))
     return summary, results
+
+
+def read_evaluation(path):
+    try:
+        return read_items(path)
+    except ValueError as e:  # a bad line, not UTF-8, no items
+        sys.exit(f'error: {e}')
+
+
+def pretraining_data():
+    """The data folder, with prepare.py's manifest, whose train split the model read: --train_data, else the one it
+    was trained on, else that of the model it was fine-tuned from (init_from), and so on; None where none has one."""
+    if train_data:
+        if not has_manifest(train_data):
+            sys.exit(f'error: {train_data} (--train_data) has no document manifest: prepare it with this prepare.py')
+        return train_data
+    path = out_dir
+    for _ in range(16):  # a fine-tuning of a fine-tuning ...
+        config = training_config(path)
+        if has_manifest(config.get('data_dir')):
+            return config['data_dir']
+        path = config.get('init_from')
+        if path in (None, 'scratch', 'resume'):
+            return None
+
+
+def split_texts(folder, split, batch_tokens=1 << 22):
+    """The documents of folder's split as text, in batches: its shards read a slice at a time, cut at EOS, decoded."""
+    with open(os.path.join(folder, 'meta.json')) as f:
+        meta = json.load(f)
+    decode, dtype, rest = load_tokenizer(folder).decode, np.dtype(meta['dtype']), np.zeros(0, meta['dtype'])
+    for name in meta['splits'][split]['files']:
+        path = os.path.join(folder, name)
+        for a in range(0, os.path.getsize(path) // dtype.itemsize, batch_tokens):
+            part = np.concatenate([rest, np.fromfile(path, dtype, batch_tokens, offset=a * dtype.itemsize)])
+            cuts = np.flatnonzero(part == meta['eos_id']) + 1  # a document runs on into the next slice and shard
+            rest = part[cuts[-1] if len(cuts) else 0:]
+            if len(cuts):
+                yield [decode(d[:-1].tolist()) for d in np.split(part[:cuts[-1]], cuts[:-1])]
+
+
+def contamination_check(items):
+    """Per item (where, item), whether the train split the model read holds it: by id (it names a document there)
+    and by n-gram (it shares a 13-word n-gram with one), as {"id": bool, "ngram": bool}, or None if clean; and what
+    was checked, for the report. (None, why not) where no data folder with a manifest is found."""
+    folder = None if train_data == 'none' else pretraining_data()
+    if folder is None:
+        return None, dict(train_data=None, why='--train_data=none' if train_data == 'none' else
+                          'no data folder with a manifest among the ones the model and its bases were trained on')
+    named = {i for _, item in items for i in item_ids(item)}
+    in_train = {r['id'] for r in (manifest_rows(folder) if named else []) if r['split'] == 'train' and r['id'] in named}
+    hashes, owner = item_ngrams(items)
+    table, documents = np.unique(hashes), 0
+    seen = np.zeros(len(table), bool)  # which of the items' n-grams the split holds
+    for texts in tqdm(split_texts(folder, 'train') if len(table) else [], desc='train split n-grams', disable=None):
+        found = lookup(table, ngram_hashes(texts)[0])
+        seen[found[found >= 0]] = True
+        documents += len(texts)
+    shared = np.zeros(len(items), bool)
+    shared[owner[seen[np.searchsorted(table, hashes)]]] = True
+    flags = [dict(id=bool(in_train.intersection(item_ids(item))), ngram=bool(shared[i]))
+             for i, (_, item) in enumerate(items)]
+    return [f if f['id'] or f['ngram'] else None for f in flags], dict(
+        train_data=folder, ngram=NGRAM, items=len(items), contaminated=sum(f['id'] or f['ngram'] for f in flags),
+        by_id=sum(f['id'] for f in flags), by_ngram=sum(f['ngram'] for f in flags), train_documents=documents)
 
 
 def read_split(folder):
@@ -252,14 +360,18 @@ def score_split(data, step):
 with torch.no_grad(), ctx:
     if tasks:
         require_chat(tok, model.config.vocab_size)
-        summary, results = score_tasks(tasks)
+        records = read_conversations(tasks)[0]
+        flags, checked = contamination_check([(tasks, r) for r in records])
+        summary, results = score_tasks(records, flags)
         header = f'{tasks}: {sum(t["items"] for t in summary.values())} items'
-        report = dict(out_dir=out_dir, tasks=tasks, summary=summary, results=results)
+        report = dict(out_dir=out_dir, tasks=tasks, summary=summary, contamination=checked, results=results)
         default_out = 'eval_tasks.json'
     elif mcq:
-        summary, results = score_mcq(mcq)
+        questions = read_mcq(items := read_evaluation(mcq))
+        flags, checked = contamination_check(items)
+        summary, results = score_mcq(questions, flags)
         header = f'{mcq}: {len(results)} questions'
-        report = dict(out_dir=out_dir, mcq=mcq, **summary, results=results)
+        report = dict(out_dir=out_dir, mcq=mcq, **summary, contamination=checked, results=results)
         default_out = f'eval_{os.path.splitext(os.path.basename(mcq))[0]}.json'
     else:
         folder, step = data_dir or trained_on(), stride or block_size // 2
@@ -278,17 +390,31 @@ with torch.no_grad(), ctx:
 
 print(header)
 if tasks:
-    print('| task | items | metric | score [95% interval] | per-character norm | chance | majority |\n'
-          '|---|---|---|---|---|---|---|')
+    checked_tasks = flags is not None
+    columns = ['task', 'items', 'metric', 'score [95% interval]', 'per-character norm',
+               'balanced accuracy [95% interval]', 'chance', 'majority'] + (
+        ['contaminated', 'score on clean items'] if checked_tasks else [])
+    print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
     for task, t in summary.items():
-        norm = f"{t['score_norm']:.3f} [{t['low_norm']:.3f}, {t['high_norm']:.3f}]" if 'score_norm' in t else ''
-        majority = f"{t['majority']:.3f}" if t['majority'] is not None else ''
-        print(f"| {task} | {t['items']} | {t['metric']} | {t['score']:.3f} [{t['low']:.3f}, {t['high']:.3f}] "
-              f"| {norm} | {t['chance']:.3f} | {majority} |")
+        span = lambda key, low, high: f"{t[key]:.3f} [{t[low]:.3f}, {t[high]:.3f}]" if key in t else ''
+        row = [task, t['items'], t['metric'], span('score', 'low', 'high'), span('score_norm', 'low_norm', 'high_norm'),
+               span('balanced', 'low_balanced', 'high_balanced'), f"{t['chance']:.3f}",
+               '' if t['majority'] is None else f"{t['majority']:.3f}"]
+        if checked_tasks:
+            row += [t['contaminated'], '' if t['score_clean'] is None else f"{t['score_clean']:.3f}"]
+        print('| ' + ' | '.join(map(str, row)) + ' |')
 else:
     for key, value in summary.items():
         print(f'  {key:<16} {value:>10.4f}' if isinstance(value, float) else f'  {key:<16} {value:>10}')
+if tasks or mcq:
+    c = checked
+    print(f"contamination: not checked ({c['why']})" if c['train_data'] is None else
+          f"contamination: {c['contaminated']} of the file's {c['items']} items "
+          f"({c['contaminated'] / max(1, c['items']):.1%}) in the train split of {c['train_data']}: {c['by_id']} name "
+          f"one of its documents, {c['by_ngram']} share a {NGRAM}-word n-gram with one "
+          f"({c['train_documents']:,} documents read)")
 out_file = out_file or os.path.join(out_dir, default_out)
-with open(out_file, 'w') as f:
-    json.dump(report, f, indent=2)
+write_text(out_file, json.dumps(report, indent=2))
 print(f'wrote {out_file}')
+if os.path.dirname(os.path.abspath(out_file)) == os.path.abspath(out_dir) and refresh_card(out_dir):
+    print(f'updated {os.path.join(out_dir, "README.md")} with these results')

@@ -23,10 +23,13 @@ keywords           generation       title and abstract -> the author keywords (l
 Every item's document is in the split prepare.py gave it: the documents are read through records.py, the same
 parsers and the same record rule (later versions, deletions, drops) as prepare.py's, with its settings read from
 data_dir/meta.json, and the same hash split; so a test item's abstract was seen by neither pre-training nor SFT,
-and a val or test document whose text or title equals a train document's yields no items. Output in --out,
-replaced whole (a kill leaves the old folder or the new one): train.jsonl, val.jsonl, test.jsonl (chat lines, see
-chat.py: {"task", "doc_id", "messages", and "options" + "answer" for multiple choice or "metric" for generation})
-and counts.json; the count table is printed. PMC articles and plain-text inputs give no items (they have none of
+and a val or test document that shares a 13-word n-gram with a train document (a copy, a companion paper, a stock
+sentence: eval.py's contamination check) yields no items. Output in --out, replaced whole (a kill leaves the old
+folder or the new one): train.jsonl, val.jsonl, test.jsonl (chat lines, see chat.py: {"task", "doc_id",
+"messages", and "options" + "answer" for multiple choice or "metric" for generation}), test_unseen.jsonl (the test
+items asked in a wording, and with options phrased, as no split's item is: does a model follow an instruction it
+has not seen?) and counts.json; the count table is printed. --wordings=3 draws each item's instruction and option
+phrasing from three (default 1: one fixed template). PMC articles and plain-text inputs give no items (they have none of
 these fields), but take part in the record rule as they do in prepare.py.
 
 --pairs writes preference pairs for DPO instead, from the generation tasks: {"task", "doc_id", "prompt", "chosen":
@@ -41,10 +44,13 @@ import os
 import random
 import re
 import sys
+import zlib
 from collections import Counter
 
+import numpy as np
 from tqdm import tqdm
 
+from contamination import lookup, manifest_rows, ngram_hashes
 from files import atomic_folder
 from records import (BAD_FILE, NO_LABEL, embedded_corpus, filter_documents, input_files, record_row, record_table,
                      records_of, split_of, squash, text_of)
@@ -53,15 +59,37 @@ GENERATION = ('title', 'conclusions', 'mesh_topics', 'keywords')  # the tasks wi
 SECTIONS = {'BACKGROUND': 'background', 'OBJECTIVE': 'background', 'METHODS': 'methods', 'RESULTS': 'results',
             'CONCLUSIONS': 'conclusions'}
 PUBLICATION_TYPES = ['case report', 'clinical trial', 'review', 'research article']
+# Several wordings of each instruction, as people ask (MediFlow's instructions vary): --wordings=N draws each item's
+# from the first N; the last is never trained on, and test_unseen.jsonl asks every test item with it.
 INSTRUCTIONS = {
-    'title': 'Write a title for this abstract.',
-    'title_choice': 'Which title belongs to this abstract?',
-    'publication_type': 'Is this article a review, a case report, a clinical trial or a research article?',
-    'sentence_section': 'Which section of a structured abstract is this sentence from: background, methods, '
-                        'results or conclusions?',
-    'conclusions': 'Write the conclusions of this abstract.',
-    'mesh_topics': 'List the MeSH major topics of this article, separated by semicolons.',
-    'keywords': 'List the keywords of this article, separated by semicolons.',
+    'title': ('Write a title for this abstract.', 'Suggest a title for the following abstract.',
+              'What would be a good title for this article?', 'Give this abstract a concise, informative title.'),
+    'title_choice': ('Which title belongs to this abstract?', 'Pick the title of the article this abstract comes from.',
+                     'Of these titles, which one was written for this abstract?',
+                     'Choose the correct title for the abstract below.'),
+    'publication_type': ('Is this article a review, a case report, a clinical trial or a research article?',
+                         'What type of publication is this: review, case report, clinical trial or research '
+                         'article?', 'Classify this article by its publication type.', 'What kind of article is this?'),
+    'sentence_section': ('Which section of a structured abstract is this sentence from: background, methods, '
+                         'results or conclusions?', 'In which part of the abstract would this sentence appear?',
+                         'Label this sentence with its abstract section.',
+                         'Does this sentence belong to the background, methods, results or conclusions of its abstract?'),
+    'conclusions': ('Write the conclusions of this abstract.', 'What do the authors conclude from these findings?',
+                    'Complete this abstract with its conclusions.', 'Summarize the main conclusion this study draws.'),
+    'mesh_topics': ('List the MeSH major topics of this article, separated by semicolons.',
+                    'Which MeSH headings are the main topics of this article? Separate them with semicolons.',
+                    'Give the major MeSH topics of this article, separated by semicolons.',
+                    "Name the article's principal Medical Subject Headings, semicolon-separated."),
+    'keywords': ('List the keywords of this article, separated by semicolons.',
+                 'What are the author keywords of this article? Separate them with semicolons.',
+                 "Give this article's keywords, separated by semicolons.",
+                 'Provide the keywords the authors chose for this paper, semicolon-separated.'),
+}
+# The fixed options in other words, likewise: the first as the answers are named above, the last held out
+OPTION_WORDINGS = {
+    'publication_type': (str, str.capitalize, lambda o: {'case report': 'a case report', 'clinical trial': 'a clinical '
+                         'trial', 'review': 'a review article', 'research article': 'an original research article'}[o]),
+    'sentence_section': (str, str.capitalize, lambda o: f'the {o} section'),
 }
 
 
@@ -131,12 +159,29 @@ def publication_type(types):
 
 
 def item(task, doc_id, content, answer, options=None, metric=None):
-    record = dict(task=task, doc_id=doc_id, messages=[{'role': 'user', 'content': f'{INSTRUCTIONS[task]}\n\n{content}'},
+    record = dict(task=task, doc_id=doc_id, messages=[{'role': 'user', 'content': content},
                                                       {'role': 'assistant', 'content': answer}])
     if options is not None:
         record.update(options=options, answer=options.index(answer))
     else:
         record['metric'] = metric
+    return record
+
+
+def worded(record, wordings, held_out=False):
+    """The item asked in one of the first `wordings` instruction wordings (and option phrasings), chosen by a hash of
+    its text so that no other draw moves (wordings=1: the first, always), or held_out: in the last."""
+    task, (ask, reply) = record['task'], record['messages']
+    choice = zlib.crc32(f"{record['doc_id']}:{ask['content']}".encode())
+
+    def pick(wordings_of_task):
+        return wordings_of_task[-1] if held_out else wordings_of_task[choice % min(wordings, len(wordings_of_task) - 1)]
+
+    phrase = pick(OPTION_WORDINGS[task]) if task in OPTION_WORDINGS else str
+    record = dict(record, messages=[{'role': 'user', 'content': f"{pick(INSTRUCTIONS[task])}\n\n{ask['content']}"},
+                                    {'role': 'assistant', 'content': phrase(reply['content'])}])
+    if 'options' in record:
+        record['options'] = [phrase(o) for o in record['options']]
     return record
 
 
@@ -230,6 +275,9 @@ def parse_args(argv):
                    help='train split: at most this many items per task, the multiple-choice classes balanced; 0: all')
     p.add_argument('--pairs', action='store_true', help='write DPO preference pairs of the generation tasks instead')
     p.add_argument('--tasks', default='', help='comma-separated task names to keep (an expert\'s group); default all')
+    p.add_argument('--wordings', type=int, default=1, choices=(1, 2, 3),
+                   help='instruction wordings (and option phrasings) items draw from; the held-out last one asks '
+                        'test_unseen.jsonl (not with --pairs)')
     args = p.parse_args(argv)
     args.wanted = set(args.tasks.split(',')) if args.tasks else set(INSTRUCTIONS)
     if args.wanted - set(INSTRUCTIONS):
@@ -260,8 +308,22 @@ def input_paths(args):
     return settings, [i['path'] for i in meta.get('inputs', [])] or embedded_corpus()
 
 
+def near_copies(train, held_out, batch=4096):
+    """The held-out documents that share a 13-word n-gram with a train document (a companion paper, a reprint, a
+    stock sentence): eval.py's contamination check, so that it finds none in tasks.py's held-out items."""
+    ids = list(held_out)
+    hashes, owner = ngram_hashes([held_out[d].get(k) or '' for d in ids for k in ('title', 'text')])
+    table, texts = np.unique(hashes), [f.get(k) or '' for f in train.values() for k in ('title', 'text')]
+    seen = np.zeros(len(table), bool)
+    for a in range(0, len(texts) if len(table) else 0, batch):
+        found = lookup(table, ngram_hashes(texts[a:a + batch])[0])
+        seen[found[found >= 0]] = True
+    return {ids[i // 2] for i in owner[seen[np.searchsorted(table, hashes)]]}
+
+
 def split_items(docs, settings, args):
-    """The items (or pairs) of every split, their counts per task, and the documents dropped, by reason."""
+    """The items (or pairs) of every split, worded, their counts per task, the documents dropped, by reason, and
+    the test items before wording."""
     by_split = {'train': {}, 'val': {}, 'test': {}}
     for doc_id, fields in docs.items():
         by_split[split_of(doc_id, settings['val_frac'], settings['test_frac'])][doc_id] = fields
@@ -269,9 +331,12 @@ def split_items(docs, settings, args):
     dropped, counts, splits = Counter(), {}, {}
     for split, members in by_split.items():
         if split != 'train':  # nothing of a held-out document may have been trained on, not even a copy
-            leaked = [d for d, f in members.items() if f['text'] in train_texts or f.get('title') in train_texts]
+            leaked = {d for d, f in members.items() if f['text'] in train_texts or f.get('title') in train_texts}
             dropped['held_out_copy_of_train'] += len(leaked)
             members = {d: f for d, f in members.items() if d not in leaked}
+            near = near_copies(by_split['train'], members)
+            dropped['held_out_shares_13_words_with_train'] += len(near)
+            members = {d: f for d, f in members.items() if d not in near}
         titles = sorted({f['title'] for f in members.values() if f.get('title')})
         items = []
         for doc_id, fields in members.items():
@@ -280,18 +345,25 @@ def split_items(docs, settings, args):
         if split == 'train' and args.max_train_items:
             items = cap_train(items, args.max_train_items, args.seed)
         items = [i for i in items if i['task'] in args.wanted]  # after the cap: the very items a run without --tasks keeps
+        plain = items if split == 'test' else None
+        items = [worded(i, args.wordings) for i in items]
         splits[split] = preference_pairs(items, args.seed) if args.pairs else items
         counts[split] = dict(sorted(Counter(i['task'] for i in splits[split]).items()))
-    return by_split, splits, counts, dropped
+    return by_split, splits, counts, dropped, plain
 
 
 def main(argv=None):
     args = parse_args(argv)
     settings, files = input_paths(args)
     docs = read_documents(files, settings['min_chars'])
-    by_split, splits, counts, dropped = split_items(docs, settings, args)
-    classes = {t: dict(Counter(i['messages'][1]['content'] for i in splits['test'] if i['task'] == t))
+    if settings.get('licenses') or settings.get('exclude'):  # prepare.py kept fewer: only its documents give items
+        kept = {row['id'] for row in manifest_rows(args.data_dir)}
+        docs = {d: f for d, f in docs.items() if d in kept}
+    by_split, splits, counts, dropped, plain_test = split_items(docs, settings, args)
+    classes = {t: dict(Counter(i['messages'][1]['content'] for i in plain_test if i['task'] == t))
                for t in ('publication_type', 'sentence_section') if not args.pairs}
+    if not args.pairs:
+        splits['test_unseen'] = [worded(i, args.wordings, held_out=True) for i in plain_test]
     with atomic_folder(args.out) as tmp:  # a kill at any moment leaves the old output or the new one, whole
         for split, items in splits.items():
             with open(os.path.join(tmp, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
@@ -299,7 +371,7 @@ def main(argv=None):
         with open(os.path.join(tmp, 'counts.json'), 'w') as f:
             json.dump(dict(items=counts, dropped=dict(dropped), test_classes=classes, max_chars=args.max_chars,
                            max_train_items=args.max_train_items, data_dir=args.data_dir,
-                           pairs=args.pairs), f, indent=2)
+                           pairs=args.pairs, wordings=args.wordings), f, indent=2)
     print('\n| task | train | val | test |\n|---|---|---|---|')
     for task in [t for t in (GENERATION if args.pairs else INSTRUCTIONS) if t in args.wanted]:
         print(f"| {task} | " + ' | '.join(f"{counts[s].get(task, 0):,}" for s in ('train', 'val', 'test')) + ' |')

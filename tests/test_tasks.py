@@ -158,3 +158,33 @@ def test_a_kill_at_any_moment_leaves_the_old_output_or_the_new_one_whole(corpus,
     tasks.main(['--data_dir', corpus['data'], '--out', out])
     assert contents(out) == want_new
     assert sorted(os.listdir(tmp_path)) == ['old', 'out']  # the killed runs' temporary folders removed
+
+
+def test_wordings_vary_the_instructions_and_options_and_test_unseen_asks_with_the_held_out_ones(corpus, tmp_path):
+    out = str(tmp_path / 'worded')
+    tasks.main(['--data_dir', corpus['data'], '--out', out, '--wordings', '3'])
+    read = lambda name: [json.loads(l) for l in open(os.path.join(out, name))]
+    train, test, unseen = read('train.jsonl'), read('test.jsonl'), read('test_unseen.jsonl')
+    for task, wordings in tasks.INSTRUCTIONS.items():
+        asked = {i['messages'][0]['content'].split('\n\n', 1)[0] for i in train if i['task'] == task}
+        assert len(asked) > 1 and asked <= set(wordings[:3]) and wordings[-1] not in asked, task
+    plain = corpus['items']['test']  # --wordings=1: every item in the first wording, as before
+    assert [i['doc_id'] for i in unseen] == [i['doc_id'] for i in plain] and len(test) == len(plain)
+    for before, after in zip(plain, unseen):
+        assert after['messages'][0]['content'] == (tasks.INSTRUCTIONS[before['task']][-1] + '\n\n'
+                                                    + before['messages'][0]['content'].split('\n\n', 1)[1])
+        if 'options' in before:  # the same answer, phrased the held-out way where the options are fixed
+            assert after['answer'] == before['answer'] and after['messages'][1]['content'] == after['options'][after['answer']]
+            phrase = tasks.OPTION_WORDINGS.get(before['task'], (str,))[-1]
+            assert after['options'] == [phrase(o) for o in before['options']]
+    assert {i['options'][i['answer']] for i in unseen if i['task'] == 'sentence_section'} == {
+        'the background section', 'the methods section', 'the results section', 'the conclusions section'}
+
+
+def test_a_held_out_document_sharing_13_words_with_a_train_document_is_dropped():
+    words = 'patients with type two diabetes were given metformin twice daily for twelve weeks in total'.split()
+    train = {'pmid:1': {'title': 'A trial', 'text': ' '.join(['Background.'] + words + ['Results followed.'])}}
+    held_out = {'pmid:2': {'title': 'Another', 'text': 'We report that ' + ' '.join(words[2:15]) + ' here.'},  # 13 words
+                'pmid:3': {'title': 'A third', 'text': 'We report that ' + ' '.join(words[2:14]) + ' here.'},  # 12 words
+                'pmid:4': {'title': ' '.join(words[:13]), 'text': 'Unrelated text.'}}  # in its title
+    assert tasks.near_copies(train, held_out) == {'pmid:2', 'pmid:4'}

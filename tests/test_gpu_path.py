@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import hardware
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from helpers import ROOT
 
 
 def config_settings(name):

@@ -29,7 +29,8 @@ folder or the new one): train.jsonl, val.jsonl, test.jsonl (chat lines, see chat
 "messages", and "options" + "answer" for multiple choice or "metric" for generation}), test_unseen.jsonl (the test
 items asked in a wording, and with options phrased, as no split's item is: does a model follow an instruction it
 has not seen?) and counts.json; the count table is printed. --wordings=3 draws each item's instruction and option
-phrasing from three (default 1: one fixed template). PMC articles and plain-text inputs give no items (they have none of
+phrasing from three (default 1: one fixed template); test.jsonl keeps the first option phrasing, so a task's classes
+keep one name each. PMC articles and plain-text inputs give no items (they have none of
 these fields), but take part in the record rule as they do in prepare.py.
 
 --pairs writes preference pairs for DPO instead, from the generation tasks: {"task", "doc_id", "prompt", "chosen":
@@ -168,16 +169,18 @@ def item(task, doc_id, content, answer, options=None, metric=None):
     return record
 
 
-def worded(record, wordings, held_out=False):
+def worded(record, wordings, held_out=False, fixed_options=False):
     """The item asked in one of the first `wordings` instruction wordings (and option phrasings), chosen by a hash of
-    its text so that no other draw moves (wordings=1: the first, always), or held_out: in the last."""
+    its text so that no other draw moves (wordings=1: the first, always), or held_out: in the last. fixed_options:
+    the options as first phrased, so that every item of a task names its classes alike (eval.py's majority and
+    balanced accuracy count classes by name)."""
     task, (ask, reply) = record['task'], record['messages']
     choice = zlib.crc32(f"{record['doc_id']}:{ask['content']}".encode())
 
     def pick(wordings_of_task):
         return wordings_of_task[-1] if held_out else wordings_of_task[choice % min(wordings, len(wordings_of_task) - 1)]
 
-    phrase = pick(OPTION_WORDINGS[task]) if task in OPTION_WORDINGS else str
+    phrase = pick(OPTION_WORDINGS[task]) if task in OPTION_WORDINGS and not fixed_options else str
     record = dict(record, messages=[{'role': 'user', 'content': f"{pick(INSTRUCTIONS[task])}\n\n{ask['content']}"},
                                     {'role': 'assistant', 'content': phrase(reply['content'])}])
     if 'options' in record:
@@ -346,7 +349,7 @@ def split_items(docs, settings, args):
             items = cap_train(items, args.max_train_items, args.seed)
         items = [i for i in items if i['task'] in args.wanted]  # after the cap: the very items a run without --tasks keeps
         plain = items if split == 'test' else None
-        items = [worded(i, args.wordings) for i in items]
+        items = [worded(i, args.wordings, fixed_options=split == 'test') for i in items]
         splits[split] = preference_pairs(items, args.seed) if args.pairs else items
         counts[split] = dict(sorted(Counter(i['task'] for i in splits[split]).items()))
     return by_split, splits, counts, dropped, plain

@@ -179,6 +179,9 @@ def test_wordings_vary_the_instructions_and_options_and_test_unseen_asks_with_th
             assert after['options'] == [phrase(o) for o in before['options']]
     assert {i['options'][i['answer']] for i in unseen if i['task'] == 'sentence_section'} == {
         'the background section', 'the methods section', 'the results section', 'the conclusions section'}
+    for split in (test, unseen):  # one name per class within a file, else majority and balanced accuracy split a class
+        for task in tasks.OPTION_WORDINGS:
+            assert len({tuple(i['options']) for i in split if i['task'] == task}) == 1, task
 
 
 def test_a_held_out_document_sharing_13_words_with_a_train_document_is_dropped():

@@ -41,6 +41,8 @@ def full_logits(model, idx):
     ('config/healthslm_15m.py', 15_276_288),
     # 32000*768 tied embedding + 1024*768 positions + 12 * 7,087,872 per block + final LayerNorm
     ('config/gpt2_120m.py', 32000 * 768 + 1024 * 768 + 12 * 7_087_872 + 2 * 768),
+    ('config/tiny_cpu.py', 836_448),
+    ('config/small_cpu.py', 1_328_256),
 ])
 def test_seed_configs_have_exact_parameter_counts(config_file, expected):
     settings = {k: v for k, v in runpy.run_path(config_file).items() if k in MODEL_FIELDS}

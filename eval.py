@@ -21,10 +21,12 @@ by the option's length in characters (lm-evaluation-harness's acc_norm), which f
 
 Instruction tasks are chat JSON lines (tasks.py writes them from held-out documents), rendered with the chat
 template (chat.py). An item with "options" and "answer" is multiple choice: each option scored as the assistant's
-reply (its tokens and <|end|>): accuracy of the likeliest option, and accuracy_norm with the log-likelihood per
-character (which favours long options less), beside chance and the majority-class rate, and where every item has
-the same options (publication type, sentence section) balanced accuracy, the mean recall per class, which always
-answering the commonest class cannot raise. Any other item is generated greedily and scored against the reference
+reply (its tokens and <|end|>): accuracy of the likeliest option; accuracy_norm with the log-likelihood per
+character (which favours long options less); calibrated, with each option's log-likelihood less its log-likelihood
+after the instruction alone (what the document adds: a model that ignores it scores chance, whatever it thinks of
+the options' wordings); beside chance and the majority-class rate, and where every item has the same options
+(publication type, sentence section) balanced accuracy, the mean recall per class, which always answering the
+commonest class cannot raise. Any other item is generated greedily and scored against the reference
 by its "metric": "rougeL" (ROUGE-L F1 over lower-cased words), "set_f1" (F1 of the "; "-separated terms) or
 "exact"; beside it, "chance": the score of another item's reference. Every score comes with its number of items and
 a 95% interval (Wilson for accuracies, normal for mean scores and balanced accuracy).
@@ -182,6 +184,38 @@ def generate_answer(prompt):
     return tok.decode(new)
 
 
+def choose(messages, options):
+    """One multiple-choice item's predictions: the likeliest option (pred), the likeliest per character (pred_norm),
+    and calibrated (pred_cal): each option's log-likelihood less its log-likelihood after the same instruction with
+    the document taken out (the user turn's first paragraph only), i.e. what the document adds to the option, not
+    how likely its words are anyway (Holtzman et al. 2021's domain-conditional PMI). A model that ignores the
+    document scores chance calibrated, whatever its prior over the options' wordings."""
+    conts = [tok.encode(o) + [tok.chat['end']] for o in options]
+    logprobs = option_logprobs(render(messages, tok, add_generation_prompt=True)[0], conts)
+    ask = messages[-1]['content'].split('\n\n')[0] if '\n\n' in messages[-1]['content'] else ''
+    prior = option_logprobs(render(messages[:-1] + [dict(messages[-1], content=ask)], tok,
+                                   add_generation_prompt=True)[0], conts)
+    return dict(pred=int(np.argmax(logprobs)),
+                pred_norm=int(np.argmax([lp / (len(o) + 1) for lp, o in zip(logprobs, options)])),
+                pred_cal=int(np.argmax([a - b for a, b in zip(logprobs, prior)])), scores=logprobs, prior=prior)
+
+
+KINDS = {'pred': '', 'pred_norm': '_norm', 'pred_cal': '_cal'}  # a prediction and the suffix of its summary keys
+
+
+def summarize_choices(items, results):
+    """Accuracy of each kind of prediction with its interval, and balanced accuracy where the classes are fixed."""
+    summary = {}
+    for kind, suffix in KINDS.items():
+        hits = [float(x[kind] == x['answer']) for x in results]
+        summary.update(zip(('score' + suffix, 'low' + suffix, 'high' + suffix), (float(np.mean(hits)), *interval(hits, True))))
+        if len({frozenset(r['options']) for r in items}) == 1:  # fixed classes: skew shows in balanced accuracy
+            answers, preds = ([r['options'][x[k]] for r, x in zip(items, results)] for k in ('answer', kind))
+            summary.update(zip([f'balanced{suffix}', f'low_balanced{suffix}', f'high_balanced{suffix}'],
+                               balanced_accuracy(list(answers), list(preds))))
+    return summary
+
+
 def score_tasks(records, flags):
     """Per-task results of the items (see the docstring at the top), and every item's record. flags: each item's
     contamination (contamination_check), None if not checked."""
@@ -192,31 +226,23 @@ def score_tasks(records, flags):
             items.append(dict(r, contaminated=flag))
     summary, results = {}, []
     for task, items in by_task.items():
-        scores, scores_norm, answers, preds = [], [], [], []
         multiple_choice = all('options' in r and 'answer' in r for r in items)
         metric = METRICS.get(items[0].get('metric', 'rougeL'))
         if metric is None:
             sys.exit(f"error: {tasks}: task {task} has metric {items[0]['metric']!r}; expected one of {', '.join(METRICS)}")
+        mine = []
         for r in tqdm(items, desc=task, disable=None):
-            prompt, _ = render(r['messages'][:-1], tok, add_generation_prompt=True)
             if multiple_choice:
-                conts = [tok.encode(o) + [tok.chat['end']] for o in r['options']]
-                logprobs = option_logprobs(prompt, conts)
-                pred = int(np.argmax(logprobs))
-                pred_norm = int(np.argmax([lp / (len(o) + 1) for lp, o in zip(logprobs, r['options'])]))
-                scores.append(float(pred == r['answer']))
-                scores_norm.append(float(pred_norm == r['answer']))
-                answers.append(r['options'][r['answer']])
-                preds.append(r['options'][pred])
-                results.append(dict(task=task, doc_id=r.get('doc_id'), answer=r['answer'], pred=pred,
-                                    pred_norm=pred_norm, scores=logprobs, contaminated=r['contaminated']))
+                mine.append(dict(task=task, doc_id=r.get('doc_id'), answer=r['answer'],
+                                 **choose(r['messages'][:-1], r['options']), contaminated=r['contaminated']))
             else:
-                reference, prediction = r['messages'][-1]['content'], generate_answer(prompt)
-                scores.append(metric(prediction, reference))
-                answers.append(reference)
-                results.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction, score=scores[-1],
-                                    contaminated=r['contaminated']))
-        low, high = interval(scores, multiple_choice)
+                prompt, _ = render(r['messages'][:-1], tok, add_generation_prompt=True)
+                prediction = generate_answer(prompt)
+                mine.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction,
+                                 score=metric(prediction, r['messages'][-1]['content']), contaminated=r['contaminated']))
+        results += mine
+        scores = [float(x['pred'] == x['answer']) if multiple_choice else x['score'] for x in mine]
+        answers = [r['options'][r['answer']] if multiple_choice else r['messages'][-1]['content'] for r in items]
         if multiple_choice:  # chance: a uniform guess; majority: always the commonest answer
             chance = float(np.mean([1 / len(r['options']) for r in items]))
             majority = max(answers.count(a) for a in set(answers)) / len(answers)
@@ -224,12 +250,10 @@ def score_tasks(records, flags):
             chance = float(np.mean([metric(answers[(i + 1) % len(answers)], a) for i, a in enumerate(answers)]))
             majority = None
         summary[task] = dict(items=len(items), metric='accuracy' if multiple_choice else items[0].get('metric', 'rougeL'),
-                             score=float(np.mean(scores)), low=low, high=high, chance=chance, majority=majority)
+                             score=float(np.mean(scores)), **dict(zip(('low', 'high'), interval(scores, multiple_choice))),
+                             chance=chance, majority=majority)
         if multiple_choice:
-            summary[task].update(zip(('score_norm', 'low_norm', 'high_norm'),
-                                     (float(np.mean(scores_norm)), *interval(scores_norm, True))))
-            if len({frozenset(r['options']) for r in items}) == 1:  # fixed classes: skew shows in balanced accuracy
-                summary[task].update(zip(('balanced', 'low_balanced', 'high_balanced'), balanced_accuracy(answers, preds)))
+            summary[task].update(summarize_choices(items, mine))
         if flags:
             clean = [x for x, r in zip(scores, items) if not r['contaminated']]
             summary[task].update(contaminated=len(items) - len(clean),
@@ -391,14 +415,15 @@ with torch.no_grad(), ctx:
 print(header)
 if tasks:
     checked_tasks = flags is not None
-    columns = ['task', 'items', 'metric', 'score [95% interval]', 'per-character norm',
-               'balanced accuracy [95% interval]', 'chance', 'majority'] + (
+    columns = ['task', 'items', 'metric', 'score [95% interval]', 'per-character norm', 'calibrated',
+               'balanced accuracy [95% interval]', 'balanced, calibrated', 'chance', 'majority'] + (
         ['contaminated', 'score on clean items'] if checked_tasks else [])
     print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
     for task, t in summary.items():
         span = lambda key, low, high: f"{t[key]:.3f} [{t[low]:.3f}, {t[high]:.3f}]" if key in t else ''
         row = [task, t['items'], t['metric'], span('score', 'low', 'high'), span('score_norm', 'low_norm', 'high_norm'),
-               span('balanced', 'low_balanced', 'high_balanced'), f"{t['chance']:.3f}",
+               span('score_cal', 'low_cal', 'high_cal'), span('balanced', 'low_balanced', 'high_balanced'),
+               span('balanced_cal', 'low_balanced_cal', 'high_balanced_cal'), f"{t['chance']:.3f}",
                '' if t['majority'] is None else f"{t['majority']:.3f}"]
         if checked_tasks:
             row += [t['contaminated'], '' if t['score_clean'] is None else f"{t['score_clean']:.3f}"]

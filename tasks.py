@@ -33,10 +33,10 @@ phrasing from three (default 1: one fixed template); test.jsonl keeps the first 
 keep one name each. PMC articles and plain-text inputs give no items (they have none of
 these fields), but take part in the record rule as they do in prepare.py.
 
---pairs writes preference pairs for DPO instead, from the generation tasks: {"task", "doc_id", "prompt", "chosen":
-the document's own answer, "rejected": the answer of another document of the same split to the same task,
-drawn with a seeded generator}. No labelling and no model sampling: cheap, deterministic, and the rejected
-replies are fluent text of the right kind, wrong only for this document.
+--pairs writes preference pairs for DPO instead: {"task", "doc_id", "prompt", "chosen": the item's answer,
+"rejected": for a multiple-choice task one of its wrong options, for a generation task the answer of another
+document of the same split to the same task, drawn with a seeded generator}. No labelling and no model sampling:
+cheap, deterministic, and the rejected replies are fluent text of the right kind, wrong only for this document.
 """
 import argparse
 import hashlib
@@ -229,8 +229,9 @@ def document_items(doc_id, fields, titles, rng, max_chars, held_out, dropped):
 
 
 def preference_pairs(items, seed):
-    """DPO pairs of one split's generation items: chosen = the item's answer, rejected = another document's
-    answer to the same task (of this split, so a held-out pair holds only held-out text), never the same text."""
+    """DPO pairs of one split's items: chosen = the item's answer; rejected = for multiple choice a wrong option, for
+    generation another document's answer to the same task (of this split, so a held-out pair holds only held-out
+    text); never the same text."""
     answers = {}
     for i in items:
         if i['task'] in GENERATION:
@@ -238,10 +239,9 @@ def preference_pairs(items, seed):
     copies = {task: Counter(pool) for task, pool in answers.items()}
     pairs = []
     for i in items:
-        if i['task'] not in GENERATION:
-            continue
-        chosen, pool = i['messages'][1]['content'], answers[i['task']]
-        if copies[i['task']][chosen] == len(pool):  # no other answer to draw
+        chosen = i['messages'][1]['content']
+        pool = [o for o in i['options'] if o != chosen] if 'options' in i else answers[i['task']]
+        if 'options' not in i and copies[i['task']][chosen] == len(pool):  # no other answer to draw
             continue
         rng = random.Random(f"{seed}:{i['doc_id']}:{i['task']}")
         rejected = chosen
@@ -276,7 +276,7 @@ def parse_args(argv):
     p.add_argument('--seed', type=int, default=1337, help='distractors, sentences, option order and rejected replies')
     p.add_argument('--max_train_items', type=int, default=0,
                    help='train split: at most this many items per task, the multiple-choice classes balanced; 0: all')
-    p.add_argument('--pairs', action='store_true', help='write DPO preference pairs of the generation tasks instead')
+    p.add_argument('--pairs', action='store_true', help='write DPO preference pairs instead')
     p.add_argument('--tasks', default='', help='comma-separated task names to keep (an expert\'s group); default all')
     p.add_argument('--wordings', type=int, default=1, choices=(1, 2, 3),
                    help='instruction wordings (and option phrasings) items draw from; the held-out last one asks '
@@ -376,7 +376,7 @@ def main(argv=None):
                            max_train_items=args.max_train_items, data_dir=args.data_dir,
                            pairs=args.pairs, wordings=args.wordings), f, indent=2)
     print('\n| task | train | val | test |\n|---|---|---|---|')
-    for task in [t for t in (GENERATION if args.pairs else INSTRUCTIONS) if t in args.wanted]:
+    for task in [t for t in INSTRUCTIONS if t in args.wanted]:
         print(f"| {task} | " + ' | '.join(f"{counts[s].get(task, 0):,}" for s in ('train', 'val', 'test')) + ' |')
     print(f"documents: {', '.join(f'{s} {len(m):,}' for s, m in by_split.items())}; dropped: "
           + (', '.join(f'{k} {v:,}' for k, v in dropped.items()) or 'none') + f'; test classes: {classes}')

@@ -266,6 +266,32 @@ def test_eval_scores_tasks_with_items_intervals_chance_majority_and_balanced_acc
     assert 'balanced' not in summary['pick'] and 'balanced' not in summary['answer']
 
 
+def test_calibrated_choice_subtracts_what_each_option_scores_without_the_document(tuned, tmp_path):
+    documents = ['Metformin lowers hepatic glucose output.', 'Insulin is given by injection.', QUESTION]
+    items = [{'task': 'which', 'messages': [{'role': 'user', 'content': f'Which drug?\n\n{d}'},
+                                            {'role': 'assistant', 'content': 'Metformin.'}],
+              'options': ['Metformin.', 'Insulin.', ANSWER], 'answer': i % 3} for i, d in enumerate(documents)]
+    path = write_jsonl(str(tmp_path / 'test.jsonl'), items)
+    run('eval.py', f'--out_dir={tuned}', f'--tasks={path}', f'--out_file={tmp_path / "r.json"}')
+    report = json.load(open(tmp_path / 'r.json'))
+    model, tok = load_model(os.path.join(tuned, 'export')), load_tokenizer(os.path.join(tuned, 'export'))
+
+    def logprob(content, option):  # the option as the reply, one at a time, no padding
+        ids, _ = render([{'role': 'user', 'content': content}], tok, add_generation_prompt=True)
+        cont = tok.encode(option) + [tok.chat['end']]
+        with torch.no_grad():
+            logp = torch.log_softmax(model.output(model.hidden(torch.tensor([ids + cont[:-1]]))).double(), -1)[0]
+        return sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(cont))
+
+    for item, r in zip(items, report['results']):
+        prior = [logprob('Which drug?', o) for o in item['options']]  # the instruction alone: the same for every item
+        assert max(abs(a - b) for a, b in zip(r['prior'], prior)) < 1e-4
+        assert r['pred_cal'] == int(np.argmax([s - p for s, p in zip(r['scores'], r['prior'])]))
+    summary = report['summary']['which']
+    assert summary['score_cal'] == np.mean([r['pred_cal'] == r['answer'] for r in report['results']])
+    assert summary['low_cal'] <= summary['score_cal'] <= summary['high_cal'] and 'balanced_cal' in summary
+
+
 def test_rouge_l_and_set_f1_match_hand_computed_values():
     # LCS of "the cat sat on the mat" and "the cat on a mat": the cat on mat = 4 words; P 4/6, R 4/5
     assert metrics.rouge_l('The cat sat on the mat', 'the cat on a mat') == pytest.approx(2 * 4 / (6 + 5))

@@ -239,27 +239,27 @@ def test_dpo_refuses_lora_that_trains_the_embeddings_and_bad_pair_lines(base, pa
 # ----------------------------------------------------------------------------- pairs from the corpus
 
 
-def test_tasks_pairs_prefer_each_documents_own_answer_over_another_documents(corpus, tmp_path):
+def test_tasks_pairs_prefer_the_right_option_and_each_documents_own_answer(corpus, tmp_path):
     out, again = str(tmp_path / 'pairs'), str(tmp_path / 'again')
     for folder in (out, again):
         tasks.main(['--data_dir', corpus['data'], '--out', folder, '--pairs'])
     for split in ('train', 'val', 'test'):
         pairs = [json.loads(line) for line in open(os.path.join(out, f'{split}.jsonl'))]
         assert open(os.path.join(again, f'{split}.jsonl')).read() == open(os.path.join(out, f'{split}.jsonl')).read()
-        items = corpus['items'][split]
-        answer = {(i['task'], i['doc_id']): i['messages'][1]['content'] for i in items}
-        prompt = {(i['task'], i['doc_id']): i['messages'][0]['content'] for i in items}
-        split_answers = {(i['task'], i['messages'][1]['content']) for i in items}
-        generation = [k for k in answer if k[0] in tasks.GENERATION]
-        # every generation item gives a pair, but where all its task's answers are its own (the fixture's MeSH
-        # topics and keywords are the same for every document): no other answer to reject
+        items = {(i['task'], i['doc_id'], i['messages'][0]['content']): i for i in corpus['items'][split]}
+        split_answers = {(i['task'], i['messages'][1]['content']) for i in items.values()}
+        # every item gives a pair, but a generation item whose task's answers are all its own (the fixture's MeSH
+        # topics and keywords are the same for every document) has no other answer to reject
         distinct = {t: len({a for (task, a) in split_answers if task == t}) for t in tasks.GENERATION}
-        expected = [k for k in generation if distinct[k[0]] > 1]
-        print(f'{split}: {len(pairs)} pairs of {len(generation)} generation items')
-        assert len(pairs) == len(expected) > 0 and {p['task'] for p in pairs} <= set(tasks.GENERATION)
+        expected = [k for k in items if k[0] not in tasks.GENERATION or distinct[k[0]] > 1]
+        print(f'{split}: {len(pairs)} pairs of {len(items)} items')
+        assert len(pairs) == len(expected) and {p['task'] for p in pairs} >= {'title', 'title_choice'}
         for p in pairs:
-            key = (p['task'], p['doc_id'])
-            assert p['chosen'] == answer[key] and p['prompt'] == prompt[key] and p['rejected'] != p['chosen']
-            assert (p['task'], p['rejected']) in split_answers  # another document's answer, of this split
+            i = items[(p['task'], p['doc_id'], p['prompt'])]
+            assert p['chosen'] == i['messages'][1]['content'] and p['rejected'] != p['chosen']
+            if 'options' in i:  # a wrong option of the same item
+                assert p['rejected'] in i['options']
+            else:  # another document's answer, of this split
+                assert (p['task'], p['rejected']) in split_answers
         records, _ = read_pairs(os.path.join(out, f'{split}.jsonl'))
         assert len(records) == len(pairs)

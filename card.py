@@ -242,12 +242,13 @@ def results(training, records, fmt, outtype):
                          f"**{e['bits_per_byte']:.4f} bits per byte**"
                          + (' (int8 weights)' if e.get('quantize') else '') + '.\n')
         elif 'summary' in e:
-            lines.append(f"{file} ({e.get('tasks')}):\n\n| task | items | metric | score [95% interval] | chance |"
-                         " majority |\n|---|---|---|---|---|---|")
+            lines.append(f"{file} ({e.get('tasks')}):\n\n| task | items | metric | score [95% interval] | calibrated |"
+                         " balanced accuracy | chance | majority |\n|---|---|---|---|---|---|---|---|")
             for task, t in e['summary'].items():
                 majority = f"{t['majority']:.3f}" if t.get('majority') is not None else ''
                 lines.append(f"| {task} | {t['items']:,} | {t['metric']} | {t['score']:.3f} [{t['low']:.3f}, "
-                             f"{t['high']:.3f}] | {t['chance']:.3f} | {majority} |")
+                             f"{t['high']:.3f}] | {span(t, 'score_cal', 'low_cal', 'high_cal')} | "
+                             f"{span(t, 'balanced', 'low_balanced', 'high_balanced')} | {t['chance']:.3f} | {majority} |")
             lines.append('')
         elif 'accuracy' in e:
             lines.append(f"{file} ({e.get('mcq')}): accuracy {e['accuracy']:.3f} over {e['questions']:,} questions "
@@ -256,6 +257,10 @@ def results(training, records, fmt, outtype):
         return ''
     note = f'Measured on the weights before their conversion to {outtype}.\n\n' if fmt == 'gguf' else ''
     return '## Results\n\n' + note + '\n'.join(lines)
+
+
+def span(summary, key, low, high):
+    return f"{summary[key]:.3f} [{summary[low]:.3f}, {summary[high]:.3f}]" if key in summary else ''
 
 
 def usage(cfg, run, merge, fmt, name, source):

@@ -135,14 +135,19 @@ def test_refreshed_card_gives_evals_scores_with_their_intervals(pretrained, tmp_
     shutil.copytree(os.path.join(pretrained[0], 'export'), export)
     run('eval.py', f'--out_dir={export}', '--split=val')
     tasks = {'tasks': 'data/tasks/test.jsonl', 'summary': {'title_choice': dict(
-        items=40, metric='accuracy', score=0.35, low=0.221, high=0.506, chance=0.25, majority=0.3)}}
+        items=40, metric='accuracy', score=0.35, low=0.221, high=0.506, chance=0.25, majority=0.3),
+        'publication_type': dict(items=40, metric='accuracy', score=0.8, low=0.652, high=0.895, chance=0.25,
+                                 majority=0.85, score_cal=0.4, low_cal=0.264, high_cal=0.554, balanced=0.5,
+                                 low_balanced=0.3, high_balanced=0.7)}}
     with open(os.path.join(export, 'eval_tasks.json'), 'w') as f:
         json.dump(tasks, f)
     refresh_card(export)
     text, val = card(export), read(export, 'eval_val.json')
     assert f"{val['tokens']:,} tokens scored exactly: loss {val['loss']:.4f}" in text
     assert f"**{val['bits_per_byte']:.4f} bits per byte**" in text
-    assert '| title_choice | 40 | accuracy | 0.350 [0.221, 0.506] | 0.250 | 0.300 |' in text
+    assert '| title_choice | 40 | accuracy | 0.350 [0.221, 0.506] |  |  | 0.250 | 0.300 |' in text
+    assert ('| publication_type | 40 | accuracy | 0.800 [0.652, 0.895] | 0.400 [0.264, 0.554] | 0.500 [0.300, 0.700] '
+            '| 0.250 | 0.850 |') in text
     assert '| `eval_val.json` |' in text and '| `eval_tasks.json` |' in text
 
 

@@ -246,8 +246,8 @@ def results(training, records, fmt, outtype):
                          " balanced accuracy | chance | majority |\n|---|---|---|---|---|---|---|---|")
             for task, t in e['summary'].items():
                 majority = f"{t['majority']:.3f}" if t.get('majority') is not None else ''
-                lines.append(f"| {task} | {t['items']:,} | {t['metric']} | {t['score']:.3f} [{t['low']:.3f}, "
-                             f"{t['high']:.3f}] | {span(t, 'score_cal', 'low_cal', 'high_cal')} | "
+                lines.append(f"| {task} | {t['items']:,} | {t['metric']} | {span(t, 'score', 'low', 'high')} | "
+                             f"{span(t, 'score_cal', 'low_cal', 'high_cal')} | "
                              f"{span(t, 'balanced', 'low_balanced', 'high_balanced')} | {t['chance']:.3f} | {majority} |")
             lines.append('')
         elif 'accuracy' in e:

@@ -208,7 +208,8 @@ def summarize_choices(items, results):
     summary = {}
     for kind, suffix in KINDS.items():
         hits = [float(x[kind] == x['answer']) for x in results]
-        summary.update(zip(('score' + suffix, 'low' + suffix, 'high' + suffix), (float(np.mean(hits)), *interval(hits, True))))
+        summary.update(zip(('score' + suffix, 'low' + suffix, 'high' + suffix), (float(np.mean(hits)),
+                                                                                   *interval(hits, True))))
         if len({frozenset(r['options']) for r in items}) == 1:  # fixed classes: skew shows in balanced accuracy
             answers, preds = ([r['options'][x[k]] for r, x in zip(items, results)] for k in ('answer', kind))
             summary.update(zip([f'balanced{suffix}', f'low_balanced{suffix}', f'high_balanced{suffix}'],
@@ -238,8 +239,9 @@ def score_tasks(records, flags):
             else:
                 prompt, _ = render(r['messages'][:-1], tok, add_generation_prompt=True)
                 prediction = generate_answer(prompt)
-                mine.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction,
-                                 score=metric(prediction, r['messages'][-1]['content']), contaminated=r['contaminated']))
+                score = metric(prediction, r['messages'][-1]['content'])
+                mine.append(dict(task=task, doc_id=r.get('doc_id'), prediction=prediction, score=score,
+                                 contaminated=r['contaminated']))
         results += mine
         scores = [float(x['pred'] == x['answer']) if multiple_choice else x['score'] for x in mine]
         answers = [r['options'][r['answer']] if multiple_choice else r['messages'][-1]['content'] for r in items]
@@ -250,10 +252,9 @@ def score_tasks(records, flags):
             chance = float(np.mean([metric(answers[(i + 1) % len(answers)], a) for i, a in enumerate(answers)]))
             majority = None
         summary[task] = dict(items=len(items), metric='accuracy' if multiple_choice else items[0].get('metric', 'rougeL'),
-                             score=float(np.mean(scores)), **dict(zip(('low', 'high'), interval(scores, multiple_choice))),
                              chance=chance, majority=majority)
-        if multiple_choice:
-            summary[task].update(summarize_choices(items, mine))
+        summary[task].update(summarize_choices(items, mine) if multiple_choice else
+                             dict(zip(('score', 'low', 'high'), (float(np.mean(scores)), *interval(scores, False)))))
         if flags:
             clean = [x for x, r in zip(scores, items) if not r['contaminated']]
             summary[task].update(contaminated=len(items) - len(clean),

@@ -1,8 +1,8 @@
 # DPO of the README's SFT model (config/sft_tiny_cpu.py) on preference pairs from the corpus, in about 3 CPU-minutes:
 #     python tasks.py --data_dir=data/pubmed_4k --out=data/pairs --max_chars=600 --pairs
 #     python train.py config/dpo_tiny_cpu.py
-# Each pair is a generation task's prompt, the document's own answer (chosen) and another document's answer to
-# the same task (rejected). The reference is the starting model (a frozen copy; with --lora_rank, the adapters off).
+# Each pair is an item's prompt, its answer (chosen) and a wrong option or another document's answer to the same
+# task (rejected). The reference is the starting model (a frozen copy; with --lora_rank, the adapters off).
 init_from = 'out-sft-tiny'
 data_dir = 'data/pairs'
 out_dir = 'out-dpo-tiny'

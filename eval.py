@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from card import refresh_card
+from card import refresh_card, span
 from configurator import configure
 from chat import read_conversations, render, require_chat
 from checkpoint import load_checkpoint, load_for_inference
@@ -205,15 +205,16 @@ KINDS = {'pred': '', 'pred_norm': '_norm', 'pred_cal': '_cal'}  # a prediction a
 
 def summarize_choices(items, results):
     """Accuracy of each kind of prediction with its interval, and balanced accuracy where the classes are fixed."""
-    summary = {}
+    summary, answers = {}, [r['options'][r['answer']] for r in items]
+    fixed = len({frozenset(r['options']) for r in items}) == 1  # fixed classes: skew shows in balanced accuracy
     for kind, suffix in KINDS.items():
         hits = [float(x[kind] == x['answer']) for x in results]
         summary.update(zip(('score' + suffix, 'low' + suffix, 'high' + suffix), (float(np.mean(hits)),
                                                                                    *interval(hits, True))))
-        if len({frozenset(r['options']) for r in items}) == 1:  # fixed classes: skew shows in balanced accuracy
-            answers, preds = ([r['options'][x[k]] for r, x in zip(items, results)] for k in ('answer', kind))
+        if fixed:
+            preds = [r['options'][x[kind]] for r, x in zip(items, results)]
             summary.update(zip([f'balanced{suffix}', f'low_balanced{suffix}', f'high_balanced{suffix}'],
-                               balanced_accuracy(list(answers), list(preds))))
+                               balanced_accuracy(answers, preds)))
     return summary
 
 
@@ -421,10 +422,10 @@ if tasks:
         ['contaminated', 'score on clean items'] if checked_tasks else [])
     print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
     for task, t in summary.items():
-        span = lambda key, low, high: f"{t[key]:.3f} [{t[low]:.3f}, {t[high]:.3f}]" if key in t else ''
-        row = [task, t['items'], t['metric'], span('score', 'low', 'high'), span('score_norm', 'low_norm', 'high_norm'),
-               span('score_cal', 'low_cal', 'high_cal'), span('balanced', 'low_balanced', 'high_balanced'),
-               span('balanced_cal', 'low_balanced_cal', 'high_balanced_cal'), f"{t['chance']:.3f}",
+        row = [task, t['items'], t['metric'], span(t, 'score', 'low', 'high'),
+               span(t, 'score_norm', 'low_norm', 'high_norm'), span(t, 'score_cal', 'low_cal', 'high_cal'),
+               span(t, 'balanced', 'low_balanced', 'high_balanced'),
+               span(t, 'balanced_cal', 'low_balanced_cal', 'high_balanced_cal'), f"{t['chance']:.3f}",
                '' if t['majority'] is None else f"{t['majority']:.3f}"]
         if checked_tasks:
             row += [t['contaminated'], '' if t['score_clean'] is None else f"{t['score_clean']:.3f}"]
